@@ -1,0 +1,47 @@
+"""Exceptions raised by the core. None of them import torch, so the CLI can report them cheaply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class XQGanError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class ConfigError(XQGanError):
+    """One or more problems in a run file, each naming the exact key path.
+
+    All problems found in one pass are collected, so a user fixes them together instead of one per run.
+    """
+
+    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class PluginError(XQGanError):
+    """A component could not be found, was ambiguous, or could not be loaded."""
+
+
+class PluginNotFoundError(PluginError):
+    pass
+
+
+class AmbiguousPluginError(PluginError):
+    pass
+
+
+class PluginLoadError(PluginError):
+    pass
+
+
+class PluginAPIError(PluginError):
+    pass
+
+
+class CheckpointError(XQGanError):
+    """A checkpoint is missing, unreadable, untrusted or does not match the run file."""

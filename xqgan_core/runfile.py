@@ -1,0 +1,107 @@
+"""The schema of a run file (``registry.toml``): which tables exist and what their plain options mean.
+
+Component tables (``[encoder]``, ``[quantizer]``, ``[[discriminators]]``, ...) are validated against the selected
+component's own Config; the engine-level tables (``[run]``, ``[train]``, ``[loss]``, ``[eval]``) are defined here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .config import ComponentSpec, at_least, between, component, config, non_empty, option, positive, section
+
+
+@config
+class RunSection:
+    name: str = option("xqgan", help="Run name; used in the output folder and reports.", validator=non_empty())
+    out_dir: str = option(
+        "runs/{name}",
+        help="Folder for checkpoints, metrics, TensorBoard logs and image grids; '{name}' is replaced by run.name. "
+        "Rerunning with the same folder resumes from its last checkpoint.",
+        validator=non_empty(),
+    )
+    seed: int = option(0, help="Seed for Python, NumPy and torch RNGs (recorded in every checkpoint).")
+    resume: bool = option(True, help="Resume from the last checkpoint in out_dir if there is one.")
+
+
+@config
+class TrainSection:
+    steps: int = option(1000, help="Total optimizer steps.", validator=positive())
+    batch_size: int = option(8, help="Images per micro-batch (per process).", validator=positive())
+    grad_accum: int = option(1, help="Micro-batches accumulated per optimizer step.", validator=positive())
+    lr: float = option(1e-4, help="Peak learning rate of the tokenizer (encoder, quantizer, decoder).", validator=positive())
+    disc_lr: float = option(1e-4, help="Peak learning rate of the discriminator(s).", validator=positive())
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas for both optimizers.")
+    weight_decay: float = option(0.0, help="AdamW weight decay of the tokenizer.", validator=at_least(0))
+    disc_weight_decay: float = option(5e-4, help="AdamW weight decay of the discriminator.", validator=at_least(0))
+    warmup_steps: int = option(100, help="Linear warm-up steps before the cosine decay.", validator=at_least(0))
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of the peak.", validator=between(0, 1))
+    grad_clip: float = option(1.0, help="Max global gradient norm; 0 switches clipping off.", validator=at_least(0))
+    ema_decay: float = option(0.999, help="EMA decay of the tokenizer weights; 0 switches EMA off.", validator=between(0, 1))
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", help="Autocast dtype: auto = bf16 on CUDA/HPU, fp32 on CPU."
+    )
+    channels_last: bool = option(False, help="Use channels-last memory format for conv backbones.")
+    checkpoint_every: int = option(200, help="Write a checkpoint every N optimizer steps (and at the end).", validator=positive())
+    keep_checkpoints: int = option(2, help="How many step checkpoints to keep (the newest ones).", validator=positive())
+    eval_every: int = option(500, help="Evaluate on the held-out split every N steps (and at the end).", validator=positive())
+    log_every: int = option(10, help="Write training scalars every N steps.", validator=positive())
+    num_workers: int = option(0, help="DataLoader worker processes.", validator=at_least(0))
+    max_bad_steps: int = option(
+        20, help="Stop the run after this many consecutive steps with a NaN/inf loss.", validator=positive()
+    )
+
+
+@config
+class LossSection:
+    l2: float = option(1.0, help="Weight of the mean squared reconstruction error.", validator=at_least(0))
+    l1: float = option(0.0, help="Weight of the mean absolute reconstruction error.", validator=at_least(0))
+    quantizer: float = option(1.0, help="Weight of the quantizer's own losses (codebook, commitment, entropy).", validator=at_least(0))
+    perceptual: float = option(1.0, help="Weight of the LPIPS perceptual loss (off with a warning if weights are missing).", validator=at_least(0))
+    lpips_weights: str = option(
+        "",
+        help="Local file with the LPIPS VGG16 backbone state dict (torchvision layout); empty = the torch hub cache.",
+    )
+    adversarial: float = option(0.5, help="Weight of the generator's adversarial loss.", validator=at_least(0))
+    disc_start: int = option(2000, help="Step at which the discriminator and adversarial loss switch on.", validator=at_least(0))
+    disc_loss: Literal["hinge", "vanilla", "non_saturating"] = option("hinge", help="Discriminator/generator GAN loss family.")
+    adaptive_weight: bool = option(True, help="Scale the adversarial loss by ||grad rec|| / ||grad adv|| at the decoder's last layer.")
+    adaptive_max: float = option(1e4, help="Upper clamp of the adaptive weight.", validator=positive())
+    lecam: float = option(0.0, help="Weight of LeCam regularisation on the discriminator (paper: 0.001).", validator=at_least(0))
+    lecam_decay: float = option(0.999, help="EMA decay of the LeCam anchors.", validator=between(0, 1))
+    alignment: float = option(0.1, help="Global multiplier of the aligners' losses.", validator=at_least(0))
+
+
+@config
+class EvalSection:
+    max_images: int = option(64, help="Held-out images used per evaluation (0 = all).", validator=at_least(0))
+    batch_size: int = option(8, help="Batch size of evaluation.", validator=positive())
+    grid_images: int = option(8, help="Images in the saved reconstruction grid.", validator=at_least(0))
+    lpips: bool = option(True, help="Compute the LPIPS metric (needs the LPIPS backbone weights).")
+
+
+@config
+class RunConfig:
+    run: RunSection = section(RunSection, help="Run name, output folder, seed.")
+    device: ComponentSpec | None = component("device", default=None, help="cpu / cuda / hpu; default: the best available.")
+    data: ComponentSpec | None = component("data", default=None, help="The image source and its held-out split.")
+    encoder: ComponentSpec | None = component("encoder", default=None, help="Images -> latents.")
+    quantizer: ComponentSpec | None = component("quantizer", default=None, help="Latents -> codes and indices.")
+    decoder: ComponentSpec | None = component("decoder", default=None, help="Codes -> images.")
+    discriminators: tuple[ComponentSpec, ...] = component("discriminator", many=True, help="Adversarial critics ([[discriminators]]).")
+    aligners: tuple[ComponentSpec, ...] = component("aligner", many=True, help="Semantic alignment teachers ([[aligners]]).")
+    adapters: tuple[ComponentSpec, ...] = component("adapter", many=True, help="Fine-tuning adapters: frozen / LoRA ([[adapters]]).")
+    generator: ComponentSpec | None = component("generator", default=None, help="An AR generator trained on tokens.")
+    hooks: tuple[ComponentSpec, ...] = component("hooks", many=True, help="Lifecycle hook plugins switched on for this run ([[hooks]]).")
+    train: TrainSection = section(TrainSection, help="Optimisation settings.")
+    loss: LossSection = section(LossSection, help="Loss weights and GAN settings.")
+    eval: EvalSection = section(EvalSection, help="Held-out evaluation settings.")
+
+    def check(self) -> list[str]:
+        problems = []
+        tokenizer_parts = {"encoder": self.encoder, "quantizer": self.quantizer, "decoder": self.decoder}
+        given = [k for k, v in tokenizer_parts.items() if v is not None]
+        if given and len(given) < 3:
+            missing = ", ".join(f"[{k}]" for k, v in tokenizer_parts.items() if v is None)
+            problems.append(f"a tokenizer needs [encoder], [quantizer] and [decoder]; missing {missing}")
+        return problems

@@ -1,0 +1,262 @@
+"""Contract test classes. Subclass one per component, set ``name`` and ``options``; pytest does the rest."""
+
+from __future__ import annotations
+
+import copy
+import io
+import typing
+from contextlib import redirect_stdout
+from typing import Any, ClassVar, Literal
+
+import attrs
+import pytest
+import torch
+
+from ..catalog import catalog
+from ..config import KIND, ComponentSpec, missing_help, validate_component
+from ..errors import ConfigError
+from ..interfaces import INTERFACES, QuantOut
+
+
+def _wrong_values(tp: Any, is_component: bool) -> list[Any]:
+    """Values of the wrong type for an option of type ``tp`` (the strictness the kit demands)."""
+    if is_component:
+        return [16]
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return ["__not_a_choice__"]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _wrong_values(args[0], False) if len(args) == 1 else []
+    if tp is bool:
+        return ["no", 1]
+    if tp is int:
+        return ["16", 3.7, True]
+    if tp is float:
+        return ["1e-4", True]
+    if tp is str:
+        return [16]
+    if origin in (tuple, list):
+        return ["not-an-array"]
+    if attrs.has(tp):
+        return [16]
+    return []
+
+
+class ComponentContract:
+    """Discovery and configuration contract, shared by every kind."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    package: ClassVar[str | None] = None  # pin the distribution if the name is offered by several
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def table(self, **extra: Any) -> dict[str, Any]:
+        t: dict[str, Any] = {"use": self.name, **copy.deepcopy(self.options), **extra}
+        if self.package:
+            t["package"] = self.package
+        return t
+
+    def spec(self) -> ComponentSpec:
+        return validate_component(self.kind, self.table())
+
+    def make(self) -> Any:
+        torch.manual_seed(0)
+        return self.spec().build()
+
+    # -- tests ----------------------------------------------------------------------------------------------
+    def test_entry_point_resolves_uniquely_and_imports(self) -> None:
+        entry = catalog(refresh=True).resolve(self.kind, self.name, self.package)
+        cls = entry.load()
+        assert issubclass(cls, INTERFACES[self.kind]) if self.kind in INTERFACES else True
+        assert isinstance(cls.plugin_api, int)
+
+    def test_every_option_has_help(self) -> None:
+        cls = self.spec().cls
+        assert missing_help(cls.Config) == [], "options without help text"
+
+    def test_documented_options_validate(self) -> None:
+        spec = self.spec()
+        assert spec.use == self.name
+        # the resolved options must validate again unchanged (what checkpoints store is re-loadable)
+        again = validate_component(self.kind, spec.to_dict())
+        assert again.config == spec.config
+
+    def test_unknown_option_is_rejected(self) -> None:
+        with pytest.raises(ConfigError) as err:
+            validate_component(self.kind, self.table(definitely_not_an_option=1))
+        assert "definitely_not_an_option" in str(err.value)
+
+    def test_wrong_types_are_rejected(self) -> None:
+        cls = self.spec().cls
+        hints = typing.get_type_hints(cls.Config)
+        checked = 0
+        for f in attrs.fields(cls.Config):
+            for bad in _wrong_values(hints[f.name], bool(f.metadata.get(KIND))):
+                with pytest.raises(ConfigError) as err:
+                    validate_component(self.kind, self.table(**{f.name: bad}))
+                assert f"{self.kind}.{f.name}" in str(err.value), f"error for {f.name}={bad!r} does not name the key"
+                checked += 1
+        assert checked or not attrs.fields(cls.Config)
+
+    def test_describe_lists_every_option(self) -> None:
+        from ..cli import main
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["describe", self.kind, self.name] + (["--package", self.package] if self.package else [])) == 0
+        for f in attrs.fields(self.spec().cls.Config):
+            assert f.name in out.getvalue()
+
+
+class ModuleContract(ComponentContract):
+    """Contract for nn.Module components: state_dict round trip and determinism in eval mode."""
+
+    batch_size: ClassVar[int] = 2
+
+    def example_input(self, module: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_of(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """The tensor compared by the round-trip and determinism tests."""
+        return module(x)
+
+    def test_state_dict_round_trip(self) -> None:
+        a = self.make().eval()
+        torch.manual_seed(1234)
+        b = self.spec().build().eval()
+        b.load_state_dict(a.state_dict())
+        x = self.example_input(a)
+        with torch.no_grad():
+            torch.testing.assert_close(self.output_of(a, x), self.output_of(b, x))
+
+    def test_deterministic_in_eval_mode(self) -> None:
+        m = self.make().eval()
+        x = self.example_input(m)
+        with torch.no_grad():
+            first = self.output_of(m, x)
+            torch.manual_seed(99)  # eval must not depend on the RNG
+            second = self.output_of(m, x)
+        torch.testing.assert_close(first, second)
+
+    def test_gradient_reaches_input(self) -> None:
+        m = self.make().train()
+        x = self.example_input(m).clone().requires_grad_(True)
+        out = self.output_of(m, x)
+        (out.float() * torch.randn_like(out.float())).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+class QuantizerContract(ModuleContract):
+    """Shapes, index range, finite losses, straight-through gradient, both directions between codes and indices."""
+
+    kind = "quantizer"
+    spatial: ClassVar[tuple[int, int]] = (4, 4)
+
+    def example_input(self, module: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(self.batch_size, module.dim, *self.spatial, generator=g)
+
+    def output_of(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        return module(x).z_q
+
+    def _flat_indices(self, indices: Any) -> torch.Tensor:
+        if isinstance(indices, (list, tuple)):
+            return torch.cat([i.flatten() for i in indices])
+        return indices.flatten()
+
+    def test_returns_quant_out_with_input_shape(self) -> None:
+        m = self.make()
+        x = self.example_input(m)
+        out = m(x)
+        assert isinstance(out, QuantOut)
+        assert out.z_q.shape == x.shape
+        assert out.z_q.dtype == x.dtype
+
+    def test_indices_in_range(self) -> None:
+        m = self.make()
+        idx = self._flat_indices(m(self.example_input(m)).indices)
+        assert idx.dtype in (torch.int64, torch.int32)
+        assert idx.min() >= 0 and idx.max() < m.codebook_size
+
+    def test_losses_are_finite_scalars(self) -> None:
+        m = self.make().train()
+        out = m(self.example_input(m))
+        for name, value in out.losses.items():
+            assert value.ndim == 0, f"loss {name} is not a scalar"
+            assert torch.isfinite(value), f"loss {name} is not finite"
+            assert value.requires_grad, f"loss {name} carries no gradient"
+
+    def test_straight_through_gradient_is_identity_on_z_q(self) -> None:
+        # d(sum(z_q * w))/dz == w: the reconstruction gradient passes through the quantizer unchanged
+        m = self.make().train()
+        x = self.example_input(m).clone().requires_grad_(True)
+        w = torch.randn_like(x)
+        (m(x).z_q * w).sum().backward()
+        assert x.grad is not None
+        if getattr(self, "straight_through_is_identity", True):
+            torch.testing.assert_close(x.grad, w)
+        else:
+            assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+    def test_indices_to_codes_reproduces_z_q(self) -> None:
+        m = self.make().eval()
+        with torch.no_grad():
+            out = m(self.example_input(m))
+            torch.testing.assert_close(m.indices_to_codes(out.indices), out.z_q, atol=1e-5, rtol=1e-4)
+
+    def test_codes_to_indices_round_trip(self) -> None:
+        m = self.make().eval()
+        with torch.no_grad():
+            out = m(self.example_input(m))
+            again = m.codes_to_indices(out.z_q)
+        assert torch.equal(self._flat_indices(again), self._flat_indices(out.indices))
+
+
+class EncoderContract(ModuleContract):
+    kind = "encoder"
+    image_size: ClassVar[int] = 32
+
+    def example_input(self, module: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(self.batch_size, 3, self.image_size, self.image_size, generator=g) * 2 - 1
+
+    def test_output_shape(self) -> None:
+        m = self.make()
+        z = m(self.example_input(m))
+        s = self.image_size // m.downsample
+        assert z.shape == (self.batch_size, m.out_dim, s, s)
+
+
+class DecoderContract(ModuleContract):
+    kind = "decoder"
+    latent_size: ClassVar[int] = 4
+
+    def example_input(self, module: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(self.batch_size, module.in_dim, self.latent_size, self.latent_size, generator=g)
+
+    def test_output_is_an_image(self) -> None:
+        m = self.make()
+        y = m(self.example_input(m))
+        assert y.ndim == 4 and y.shape[:2] == (self.batch_size, 3)
+        assert y.shape[2] == y.shape[3] and y.shape[2] > self.latent_size
+
+    def test_last_layer_is_a_trained_parameter(self) -> None:
+        m = self.make()
+        assert any(p is m.last_layer for p in m.parameters())
+
+
+class DiscriminatorContract(ModuleContract):
+    kind = "discriminator"
+    image_size: ClassVar[int] = 32
+
+    def example_input(self, module: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(self.batch_size, 3, self.image_size, self.image_size, generator=g) * 2 - 1
+
+    def test_logits_are_finite_per_sample(self) -> None:
+        m = self.make()
+        logits = m(self.example_input(m))
+        assert logits.shape[0] == self.batch_size and torch.isfinite(logits).all()
