@@ -7,6 +7,7 @@ Heavy modules (torch, the engine) are imported only by the commands that need th
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -105,7 +106,7 @@ def _describe(args: list[str]) -> int:
     entry = catalog().resolve(ns.kind, ns.name, ns.package)
     cls = entry.load()
     print(f"{ns.kind} '{ns.name}' — {entry.target} ({entry.distribution} {entry.version})")
-    doc = (cls.__doc__ or "").strip()
+    doc = inspect.getdoc(cls) or ""
     if doc:
         print(f"\n{doc}\n")
     rows = [(d.name, d.type, d.default, d.help) for d in describe_config(cls.Config)]

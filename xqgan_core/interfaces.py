@@ -156,6 +156,13 @@ class Device(Component):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.torch_device.type, dtype=dtype)
 
+    def init_distributed(self) -> None:
+        """Prepare the backend before ``torch.distributed.init_process_group`` (e.g. HPU imports hccl)."""
+
+    def wrap_for_eval(self, module: nn.Module) -> nn.Module:
+        """Optionally wrap a module used only for inference (e.g. HPU graphs); default: unchanged."""
+        return module
+
     def step_end(self) -> None:
         """Called after each optimizer step (HPU lazy mode needs ``mark_step`` here)."""
 

@@ -1,0 +1,60 @@
+"""VQGAN-style CNN encoder: image (B, 3, H, W) -> latents (B, out_dim, H/2**(L-1), W/2**(L-1))."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xqgan_core.config import at_least, config, option, positive
+from xqgan_core.interfaces import Encoder
+
+from .blocks import Downsample, Level, MidBlock, Normalize, run_stage
+from .options import BackboneOptions
+
+
+class CNNEncoder(Encoder):
+    """conv_in -> levels of ResBlocks with a Downsample between them -> mid block (Res, Attn, Res)
+    -> GroupNorm, swish, conv3x3 to ``z_channels`` -> 1x1 projection to ``out_dim`` (the quantizer's code dim)."""
+
+    plugin_api = 1
+
+    @config
+    class Config(BackboneOptions):
+        num_res_blocks: int = option(2, help="ResBlocks per resolution level", validator=at_least(1))
+        out_dim: int = option(8, help="output channels = the quantizer's code dimension", validator=positive())
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        c = config
+        widths = [c.channels * m for m in c.channel_mult]
+        n = len(widths)
+        self.out_dim = c.out_dim
+        self.downsample = 2 ** (n - 1)
+
+        self.conv_in = nn.Conv2d(3, c.channels, 3, padding=1)
+        self.levels = nn.ModuleList(
+            Level(
+                in_channels=c.channels if i == 0 else widths[i - 1],
+                out_channels=widths[i],
+                num_res_blocks=c.num_res_blocks,
+                dropout=c.dropout,
+                attention=c.level_attention and i == n - 1,
+                resample=Downsample if i < n - 1 else None,
+            )
+            for i in range(n)
+        )
+        self.mid = MidBlock(widths[-1], c.dropout, c.mid_attention)
+        self.norm_out = Normalize(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], c.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.out_dim, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"image size {h}x{w} is not divisible by the encoder's downsampling {self.downsample}")
+        ckpt = self.config.checkpointing and self.training
+        x = self.conv_in(images)
+        for level in self.levels:
+            x = run_stage(level, x, ckpt)
+        x = run_stage(self.mid, x, ckpt)
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(x))))

@@ -1,0 +1,85 @@
+"""Held-out evaluation of a tokenizer (PSNR, SSIM, LPIPS, codebook use) and reconstruction grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .metrics import CodebookUsage, MetricAverager, psnr, ssim
+from .model import TokenizerModel
+
+
+@torch.no_grad()
+def evaluate(
+    model: TokenizerModel,
+    dataset: torch.utils.data.Dataset,
+    device: Any,
+    *,
+    batch_size: int = 8,
+    max_images: int = 0,
+    perceptual: torch.nn.Module | None = None,
+    grid_images: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+    """Metrics over ``dataset`` (the first ``max_images``; 0 = all) and the first ``grid_images`` pairs."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(n))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+    averages = MetricAverager()
+    usage = CodebookUsage(model.quantizer.codebook_size)
+    originals, recons = [], []
+    dev = device.torch_device
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        x = batch["image"].to(dev)
+        recon, quant = model(x)
+        recon = recon.float().clamp(-1, 1)
+        values = {"psnr": psnr(recon, x), "ssim": ssim(recon, x)}
+        if perceptual is not None:
+            values["lpips"] = perceptual(recon, x)
+        averages.update(values)
+        indices = quant.indices
+        usage.update(torch.cat([i.flatten() for i in indices]) if isinstance(indices, (list, tuple)) else indices)
+        if sum(o.shape[0] for o in originals) < grid_images:
+            originals.append(x.cpu())
+            recons.append(recon.cpu())
+    metrics = averages.compute()
+    codebook = usage.compute()
+    for key in ("utilization", "perplexity"):  # absent when nothing was evaluated
+        if key in codebook:
+            metrics[key] = codebook[key]
+    metrics["images"] = float(n)
+    model.train(was_training)
+    grid = None
+    if originals:
+        grid = (torch.cat(originals)[:grid_images], torch.cat(recons)[:grid_images])
+    return metrics, grid
+
+
+def save_grid(originals: Tensor, recons: Tensor, path: str | Path, columns: int = 8) -> Path:
+    """A PNG with rows of originals, each followed by a row of their reconstructions (2 px white gutters)."""
+    n, _, h, w = originals.shape
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    gutter = 2
+    canvas = np.full((rows * 2 * (h + gutter) + gutter, columns * (w + gutter) + gutter, 3), 255, dtype=np.uint8)
+    to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
+    for i in range(n):
+        r, c = divmod(i, columns)
+        x0 = gutter + c * (w + gutter)
+        for j, img in enumerate((originals[i], recons[i])):
+            y0 = gutter + (2 * r + j) * (h + gutter)
+            canvas[y0 : y0 + h, x0 : x0 + w] = to_u8(img)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,61 @@
+"""GAN losses, the adaptive generator weight and LeCam regularisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def discriminator_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
+    """Loss the discriminator minimises. ``real``/``fake`` are logits."""
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    if kind in ("vanilla", "non_saturating"):
+        # binary cross-entropy: real -> 1, fake -> 0 (softplus(-x) = -log sigmoid(x))
+        return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def generator_loss(kind: str, fake: Tensor) -> Tensor:
+    """Adversarial loss the generator (decoder) minimises."""
+    if kind == "hinge":
+        return -fake.mean()
+    if kind == "vanilla":
+        # the original minimax objective: minimise log(1 - D(fake)) = -softplus(fake)
+        return -F.softplus(fake).mean()
+    if kind == "non_saturating":
+        # minimise -log D(fake) = softplus(-fake): strong gradients early, when D rejects fakes easily
+        return F.softplus(-fake).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer: Tensor, max_weight: float) -> Tensor:
+    """||d rec / d W|| / ||d adv / d W|| at the decoder's last layer, clamped to [0, max_weight], no gradient."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (adv_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class LeCam(nn.Module):
+    """LeCam regularisation (Tseng et al. 2021): keeps D's outputs near EMA anchors of the opposite class."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, real: Tensor, fake: Tensor) -> Tensor:
+        with torch.no_grad():
+            r, f = real.float().mean(), fake.float().mean()
+            if not bool(self.initialised):
+                self.ema_real.copy_(r)
+                self.ema_fake.copy_(f)
+                self.initialised.fill_(True)
+            else:
+                self.ema_real.lerp_(r, 1 - self.decay)
+                self.ema_fake.lerp_(f, 1 - self.decay)
+        return F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()

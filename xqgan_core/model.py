@@ -1,0 +1,40 @@
+"""The tokenizer: encoder -> quantizer -> decoder, assembled from a run file's components."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .interfaces import Decoder, Encoder, Indices, Quantizer, QuantOut
+
+
+class TokenizerModel(nn.Module):
+    """Images in [-1, 1] -> (reconstruction, QuantOut); ``encode``/``decode`` go through indices."""
+
+    def __init__(self, encoder: Encoder, quantizer: Quantizer, decoder: Decoder) -> None:
+        super().__init__()
+        problems = []
+        if getattr(encoder, "out_dim", None) != getattr(quantizer, "dim", None):
+            problems.append(f"encoder.out_dim ({encoder.out_dim}) must equal the quantizer's dim ({quantizer.dim})")
+        if getattr(decoder, "in_dim", None) != getattr(quantizer, "dim", None):
+            problems.append(f"decoder.in_dim ({decoder.in_dim}) must equal the quantizer's dim ({quantizer.dim})")
+        if problems:
+            raise ConfigError(problems)
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+
+    @property
+    def downsample(self) -> int:
+        return int(self.encoder.downsample)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, QuantOut]:
+        quant = self.quantizer(self.encoder(images))
+        return self.decoder(quant.z_q), quant
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Indices:
+        return self.quantizer.codes_to_indices(self.encoder(images))
+
+    @torch.no_grad()
+    def decode(self, indices: Indices) -> Tensor:
+        return self.decoder(self.quantizer.indices_to_codes(indices))

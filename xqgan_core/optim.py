@@ -1,0 +1,48 @@
+"""Learning-rate schedule (linear warm-up, cosine decay) and an EMA of model weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
+    """LR factor for step s: linear 0->1 over ``warmup`` steps, then cosine 1->``min_ratio`` until ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (kept in fp32)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.lerp_(v.detach().float(), 1 - self.decay)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, v in sd.items():
+            self.shadow[k].copy_(v)
+
+    def copy_to(self, module: nn.Module) -> None:
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})

@@ -1,0 +1,133 @@
+"""Building blocks shared by quantizer plugins (VQ, RQ, PQ, LFQ, BSQ, multi-scale RQ).
+
+Conventions:
+
+* latents are ``(B, C, H, W)``; lookups work on flat tokens ``(B*H*W, C)`` (``flatten_tokens`` / ``unflatten_tokens``);
+* nearest-code search runs in at least fp32 with autocast switched off, and never holds more than
+  ``chunk_size x codebook_size`` scores at once, so codebooks of 16k+ entries fit at large batch sizes;
+* losses are returned unweighted by the engine: the quantizer applies its own coefficients (``beta``).
+
+Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "autocast_disabled",
+    "codebook_usage",
+    "commitment_losses",
+    "flatten_tokens",
+    "nearest_code",
+    "straight_through",
+    "unflatten_tokens",
+]
+
+
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A region where autocast is off on ``device`` (distances and losses want full precision)."""
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and not is_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def straight_through(z: Tensor, z_q: Tensor) -> Tensor:
+    """``z_q`` in the forward pass, identity gradient to ``z`` in the backward pass (``z + sg(z_q - z)``).
+
+    The result has ``z``'s dtype and carries no gradient to ``z_q`` (the codebook learns through its own loss).
+    When no gradient to ``z`` is being recorded, ``z_q`` itself is returned (detached), so inference codes are
+    bit-exact codebook rows rather than ``z + (z_q - z)`` with its rounding error.
+    """
+    z_q = z_q.to(z.dtype)
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return z_q.detach()
+    return z + (z_q - z).detach()
+
+
+def flatten_tokens(z: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B*H*W, C)``: one row per spatial position, in (b, h, w) row-major order."""
+    if z.ndim != 4:
+        raise ValueError(f"expected latents of shape (B, C, H, W), got {tuple(z.shape)}")
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+def unflatten_tokens(flat: Tensor, spatial: tuple[int, int, int] | torch.Size) -> Tensor:
+    """Inverse of ``flatten_tokens``: ``(B*H*W, C) -> (B, C, H, W)`` given ``spatial = (B, H, W)``.
+
+    ``spatial`` is the shape of the matching index map, so ``unflatten_tokens(codes, indices.shape)`` works.
+    """
+    b, h, w = spatial
+    if flat.ndim != 2 or flat.shape[0] != b * h * w:
+        raise ValueError(f"cannot unflatten tokens of shape {tuple(flat.shape)} to (B, H, W) = {(b, h, w)}")
+    return flat.reshape(b, h, w, flat.shape[1]).permute(0, 3, 1, 2)
+
+
+def nearest_code(z_flat: Tensor, codebook: Tensor, chunk_size: int = 4096, *, normalized: bool = False) -> Tensor:
+    """Index of the codebook row nearest (squared L2) to each row of ``z_flat``: ``(N, C), (V, C) -> (N,)`` int64.
+
+    Tokens are scored ``chunk_size`` at a time, so at most a ``chunk_size x V`` score matrix exists at any moment.
+    ``||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2`` and ``||z||^2`` does not change the argmin, so each chunk needs one
+    matmul. With ``normalized=True`` (both sides already l2-normalised) ``||e||^2`` is 1 for every row and the
+    search is the argmax of the dot product (cosine), which skips adding a rounding-noisy constant.
+    Ties resolve to the lowest index. Scores are computed in at least fp32 with autocast off; no gradient.
+    """
+    if z_flat.ndim != 2 or codebook.ndim != 2 or z_flat.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected (N, C) tokens and a (V, C) codebook, got {tuple(z_flat.shape)} and {tuple(codebook.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    dtype = torch.promote_types(torch.promote_types(z_flat.dtype, codebook.dtype), torch.float32)
+    out = torch.empty(z_flat.shape[0], dtype=torch.int64, device=z_flat.device)
+    with torch.no_grad(), autocast_disabled(z_flat.device):
+        tokens = z_flat.detach().to(dtype)
+        codes = codebook.detach().to(dtype)
+        codes_t = codes.t()
+        sq_norms = None if normalized else codes.pow(2).sum(dim=1)
+        for start in range(0, tokens.shape[0], chunk_size):
+            scores = torch.mm(tokens[start : start + chunk_size], codes_t)
+            if sq_norms is None:
+                out[start : start + chunk_size] = scores.argmax(dim=1)
+            else:
+                # in place: the (chunk, V) buffer is the only large allocation
+                out[start : start + chunk_size] = scores.mul_(-2).add_(sq_norms).argmin(dim=1)
+    return out
+
+
+def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
+    """Usage of a codebook by one batch of indices (any shape, values in ``[0, codebook_size)``).
+
+    ``perplexity``: exp of the entropy of the code histogram (1 = one code used, ``codebook_size`` = uniform);
+    ``utilization``: fraction of the codebook's entries hit at least once. Both are batch-local (no all-reduce)
+    and are 0.0 for an empty batch. Returns Python floats (this synchronises with the device).
+    """
+    flat = indices.detach().reshape(-1).long()
+    if flat.numel() == 0:
+        return {"perplexity": 0.0, "utilization": 0.0}
+    counts = torch.bincount(flat, minlength=codebook_size).double()
+    if counts.numel() > codebook_size:
+        raise ValueError(f"index {int(flat.max())} out of range for a codebook of {codebook_size} entries")
+    probs = counts[counts > 0] / counts.sum()
+    entropy = -(probs * probs.log()).sum()
+    return {
+        "perplexity": float(math.exp(float(entropy))),
+        "utilization": float(probs.numel()) / codebook_size,
+    }
+
+
+def commitment_losses(z: Tensor, z_q: Tensor, beta: float) -> dict[str, Tensor]:
+    """The VQ-VAE pair of losses, as fp32 scalars.
+
+    ``codebook``: ``mean((z_q - sg z)^2)`` moves the codes towards the encoder outputs;
+    ``commitment``: ``beta * mean((sg z_q - z)^2)`` keeps the encoder outputs near their codes.
+    """
+    z32, zq32 = z.float(), z_q.float()
+    return {
+        "codebook": (zq32 - z32.detach()).pow(2).mean(),
+        "commitment": beta * (zq32.detach() - z32).pow(2).mean(),
+    }
