@@ -1,0 +1,312 @@
+"""Time one tokenizer training step and measure its peak memory on the CPU.
+
+A step is: forward (encoder -> quantizer -> decoder) + MSE reconstruction loss + the quantizer's own losses
++ backward, and then an AdamW step. Both are reported: "fwd+bwd" (what the reference figure below measured)
+and "train" (fwd+bwd plus optimizer step and zero_grad).
+
+Every (configuration, options) pair runs in a fresh subprocess so that peak-RSS readings do not mix. Inside it:
+
+1. RSS is read right before the model is built (torch is already imported then);
+2. phase A: ``warmup`` + ``steps`` fwd+bwd steps without an optimizer; ``ru_maxrss`` is read -> peak of fwd+bwd;
+3. phase B (unless ``--no-optimizer``): ``warmup`` + ``steps`` full steps with AdamW (the first one allocates the
+   optimizer state); ``ru_maxrss`` is read again -> peak of training. ``ru_maxrss`` never decreases, so the second
+   reading is the peak of the whole process.
+
+Usage::
+
+    python benchmarks/train_step.py --config both
+    python benchmarks/train_step.py --config xqgan-v-256 --batch 4 --channels-last --checkpointing --json out.json
+    python benchmarks/train_step.py --config xqgan-v-256 --batch 4 --variants   # plain/cl/ckpt/cl+ckpt in turn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Reference figures for the 256-px XQ-GAN-V configuration (LlamaGen VQ-16 sizes, batch 4): measured by the team on
+# this 2-core CPU with the public reference code, forward + reconstruction and quantizer losses + backward, without
+# LPIPS or the discriminator (no optimizer step). Targets: >= 1.3x faster and <= 60% of this peak.
+REFERENCE_S_PER_STEP = 38.0
+REFERENCE_PEAK_BYTES = 10e9  # "10 GB"
+TARGET_SPEEDUP = 1.3
+TARGET_MEMORY_FRACTION = 0.6
+
+# LlamaGen VQ-16 sizes: base 128 channels, multipliers 1,1,2,2,4 (16x downsampling), 2 ResBlocks per level in the
+# encoder and 3 in the decoder (the cnn plugin's defaults), attention in the middle block and the lowest level,
+# 16384 l2-normalised codes of dimension 8. 256-px images -> 16x16 tokens.
+XQGAN_V_256: dict[str, Any] = {
+    "resolution": 256,
+    "batch_size": 4,
+    "encoder": {"use": "cnn", "channels": 128, "channel_mult": [1, 1, 2, 2, 4], "z_channels": 256, "out_dim": 8},
+    "quantizer": {"use": "vq", "codebook_size": 16384, "dim": 8, "l2_norm": True},
+    "decoder": {"use": "cnn", "channels": 128, "channel_mult": [1, 1, 2, 2, 4], "z_channels": 256, "in_dim": 8},
+}
+
+CONFIGS = ("default", "xqgan-v-256")
+GIB = 1024**3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory helpers (Linux: /proc/self/status in kB, ru_maxrss in KiB)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the measurement itself (runs in the child process)
+
+
+def load_config(name: str) -> dict[str, Any]:
+    """Component tables, resolution and batch size of a named configuration."""
+    if name == "xqgan-v-256":
+        return json.loads(json.dumps(XQGAN_V_256))  # deep copy
+    if name == "default":
+        from xqgan_core.registry import Registry
+
+        reg = Registry.from_toml(REPO / "registry.toml")
+        plain = reg.to_dict()
+        return {
+            "resolution": int(plain["data"]["resolution"]),
+            "batch_size": int(plain["train"]["batch_size"]),
+            "encoder": plain["encoder"],
+            "quantizer": plain["quantizer"],
+            "decoder": plain["decoder"],
+        }
+    raise ValueError(f"unknown config {name!r}; choose from {CONFIGS}")
+
+
+@contextmanager
+def maybe_bf16(enabled: bool) -> Iterator[None]:
+    import torch
+
+    if enabled:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from xqgan_core import build
+    from xqgan_core.model import TokenizerModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(args.config)
+    batch = args.batch or cfg["batch_size"]
+    res = cfg["resolution"]
+    if args.checkpointing:
+        cfg["encoder"]["checkpointing"] = True
+        cfg["decoder"]["checkpointing"] = True
+
+    rss_before = current_rss_bytes()
+    model = TokenizerModel(build("encoder", cfg["encoder"]), build("quantizer", cfg["quantizer"]),
+                           build("decoder", cfg["decoder"]))
+    model.train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    images = (torch.rand(batch, 3, res, res) * 2 - 1).contiguous(memory_format=fmt)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def fwd_bwd() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        with maybe_bf16(args.bf16):
+            recon, quant = model(images)
+            loss = F.mse_loss(recon.float(), images) + quant.loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, float(loss.detach())
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    out: dict[str, Any] = {
+        "config": args.config,
+        "options": options_label(args),
+        "batch": batch,
+        "resolution": res,
+        "params_M": n_params / 1e6,
+        "threads": torch.get_num_threads(),
+        "load_before": os.getloadavg(),
+        "rss_before_build_GiB": rss_before / GIB,
+    }
+
+    # phase A: forward + losses + backward, no optimizer (comparable to the reference figure)
+    fwd, bwd = [], []
+    for i in range(args.warmup + args.steps):
+        f, b, loss = fwd_bwd()
+        model.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            fwd.append(f)
+            bwd.append(b)
+    peak_a = peak_rss_bytes()
+    out.update(
+        fwd_s=mean(fwd), bwd_s=mean(bwd), fwd_bwd_s=mean(fwd) + mean(bwd), fwd_bwd_all_s=[f + b for f, b in zip(fwd, bwd)],
+        peak_fwd_bwd_GiB=peak_a / GIB, peak_fwd_bwd_increase_GiB=(peak_a - rss_before) / GIB, loss=loss,
+    )
+
+    # phase B: full training step with AdamW
+    if not args.no_optimizer:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        steps = []
+        for i in range(args.warmup + args.steps):
+            f, b, loss = fwd_bwd()
+            t0 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            o = time.perf_counter() - t0
+            if i >= args.warmup:
+                steps.append(f + b + o)
+        peak_b = peak_rss_bytes()
+        out.update(
+            train_s=mean(steps), train_all_s=steps,
+            peak_train_GiB=peak_b / GIB, peak_train_increase_GiB=(peak_b - rss_before) / GIB,
+        )
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the parent: one subprocess per (config, options), then a table
+
+
+def options_label(args: argparse.Namespace) -> str:
+    parts = [name for flag, name in ((args.channels_last, "channels-last"), (args.checkpointing, "checkpointing"),
+                                     (args.bf16, "bf16")) if flag]
+    return "+".join(parts) or "plain"
+
+
+def run_child(args: argparse.Namespace, config: str, flags: dict[str, bool]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--config", config,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.no_optimizer:
+        cmd.append("--no-optimizer")
+    cmd += [f"--{name}" for name, on in flags.items() if on]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"benchmark child failed ({' '.join(cmd)})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    head = ("config", "batch", "options", "fwd+bwd s/step", "img/s", "train s/step", "img/s",
+            "peak fwd+bwd GiB (+incr)", "peak train GiB (+incr)", "load 1m", "vs ref speed / mem")
+    rows = []
+    for r in results:
+        vs = ""
+        if r["config"] == "xqgan-v-256" and r["batch"] == 4:
+            speed = REFERENCE_S_PER_STEP / r["fwd_bwd_s"]
+            mem = r["peak_fwd_bwd_GiB"] * GIB / REFERENCE_PEAK_BYTES
+            ok = speed >= TARGET_SPEEDUP and mem <= TARGET_MEMORY_FRACTION
+            vs = f"{speed:.2f}x / {mem:.0%}{' MET' if ok else ''}"
+        train = r.get("train_s")
+        rows.append((
+            r["config"], str(r["batch"]), r["options"], f"{r['fwd_bwd_s']:.2f}", f"{r['batch'] / r['fwd_bwd_s']:.2f}",
+            f"{train:.2f}" if train else "-", f"{r['batch'] / train:.2f}" if train else "-",
+            f"{r['peak_fwd_bwd_GiB']:.2f} (+{r['peak_fwd_bwd_increase_GiB']:.2f})",
+            f"{r['peak_train_GiB']:.2f} (+{r['peak_train_increase_GiB']:.2f})" if train else "-",
+            f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}", vs,
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=(*CONFIGS, "both"), default="both")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per phase (after the warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the config's)")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in encoder and decoder")
+    p.add_argument("--bf16", action="store_true", help="forward under torch.autocast('cpu', dtype=bfloat16)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-optimizer", action="store_true", help="skip the AdamW phase (fwd+bwd only)")
+    p.add_argument("--variants", action="store_true",
+                   help="run plain, channels-last, checkpointing and channels-last+checkpointing (plus --bf16 if given)")
+    p.add_argument("--json", type=Path, default=None, help="write all results (with environment) to this file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    configs = CONFIGS if args.config == "both" else (args.config,)
+    if args.variants:
+        combos = [dict(channels_last=cl, checkpointing=ck, bf16=args.bf16) for ck in (False, True) for cl in (False, True)]
+    else:
+        combos = [dict(channels_last=args.channels_last, checkpointing=args.checkpointing, bf16=args.bf16)]
+    flags = [{k.replace("_", "-"): v for k, v in c.items()} for c in combos]
+
+    import torch
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    print(f"# {env['date']}  torch {env['torch']}  {env['cpu_count']} CPUs ({env['cpu_capability']})  "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for config in configs:
+        for f in flags:
+            r = run_child(args, config, f)
+            results.append(r)
+            print(f"  {r['config']} [{r['options']}] batch {r['batch']}: fwd+bwd {r['fwd_bwd_s']:.2f} s, "
+                  f"train {r.get('train_s', float('nan')):.2f} s, peak {r['peak_fwd_bwd_GiB']:.2f} / "
+                  f"{r.get('peak_train_GiB', float('nan')):.2f} GiB, load {r['load_before'][0]:.1f}->"
+                  f"{r['load_after'][0]:.1f}", flush=True)
+    print()
+    print(format_table(results))
+    if any(r["config"] == "xqgan-v-256" and r["batch"] == 4 for r in results):
+        print(f"\nreference (public code, batch 4, fwd+losses+bwd): {REFERENCE_S_PER_STEP:.0f} s/step, "
+              f"{REFERENCE_PEAK_BYTES / 1e9:.0f} GB peak; target <= {REFERENCE_S_PER_STEP / TARGET_SPEEDUP:.1f} s "
+              f"and <= {TARGET_MEMORY_FRACTION * REFERENCE_PEAK_BYTES / GIB:.2f} GiB "
+              f"({TARGET_MEMORY_FRACTION * REFERENCE_PEAK_BYTES / 1e9:.0f} GB)")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""End-to-end training through Engine / xqgan-run: bad data, crashes, resume, untrusted checkpoints, NaN losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engine_fixtures import make_images, tiny_run
+
+from xqgan_core import ConfigError, Registry
+from xqgan_core.checkpoint import latest_checkpoint
+from xqgan_core.engine import Engine, TrainingError
+from xqgan_core.errors import CheckpointError
+from xqgan_core.optim import warmup_cosine
+
+CLI = [sys.executable, "-m", "xqgan_core.cli"]
+
+
+def write_run(tmp_path: Path, data: Path, out: Path, **train) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(tiny_run(data, out, **train))
+    return path
+
+
+def records(out: Path, split: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_trains_end_to_end_with_bad_files_reported(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_images(data)
+    (data / "a" / "zero.png").write_bytes(b"")
+    good = (data / "a" / "img01.png").read_bytes()
+    jpeg = tmp_path / "tmp.jpg"
+    from PIL import Image
+
+    Image.open(data / "a" / "img01.png").convert("RGB").save(jpeg, quality=90)
+    (data / "b" / "corrupt.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    assert good
+    out = tmp_path / "out"
+    metrics = Engine(Registry.from_toml(write_run(tmp_path, data, out))).fit()
+    assert {"psnr", "ssim", "utilization", "perplexity"} <= set(metrics)
+    assert 0 < metrics["utilization"] <= 100 and metrics["psnr"] > 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "zero.png" in text and "corrupt.jpg" in text and "run summary" in text
+    ck = latest_checkpoint(out)
+    assert ck is not None and ck.name == "step-00000006"
+    assert (ck / "model.safetensors").is_file() and (ck / "ema.safetensors").is_file()
+    assert (ck / "discriminators.safetensors").is_file()
+    resolved = (ck / "run.toml").read_text()
+    assert 'package = "xqgan-plugin-vq"' in resolved and 'package = "xqgan-plugin-cnn"' in resolved
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["provenance"]["quantizer"]["distribution"] == "xqgan-plugin-vq"
+    assert (out / "reconstructions.png").is_file() and (out / "grids" / "step-00000006.png").is_file()
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert "d_loss" in train[-1] and "d_loss" not in train[1]  # discriminator switches on at disc_start = 3
+    assert all(r["grad_norm"] >= 0 for r in train)
+    assert len(records(out, "eval")) == 1
+    # the checkpoint keeps 2 step folders (keep_checkpoints default)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def test_learning_rate_follows_warmup_cosine(tmp_path):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    Engine(Registry.from_toml(write_run(tmp_path, data, out, steps=5, warmup_steps=2))).fit()
+    factor = warmup_cosine(2, 5, 0.1)
+    lrs = [r["lr"] for r in records(out, "train")]
+    # the lr logged at step s is the one the scheduler set for the next step
+    assert lrs == pytest.approx([1e-3 * factor(s) for s in range(1, 6)])
+
+
+def test_gradient_clipping_is_applied(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_images(data)
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        norm = real(params, max_norm, *a, **k)
+        seen.append((float(norm), float(torch.stack([p.grad.norm() for p in params]).norm()), max_norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    Engine(Registry.from_toml(write_run(tmp_path, data, tmp_path / "out", steps=2, grad_clip=1e-3))).fit()
+    assert seen and all(after <= max_norm * 1.01 for _, after, max_norm in seen)
+    assert any(before > max_norm for before, _, max_norm in seen)
+
+
+def test_empty_data_folder_fails_before_anything_is_written(tmp_path):
+    data = tmp_path / "empty"
+    data.mkdir()
+    out = tmp_path / "out"
+    res = subprocess.run(CLI + [str(write_run(tmp_path, data, out))], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "data.root" in res.stderr and str(data) in res.stderr
+    assert not out.exists()
+
+
+def test_nan_loss_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    make_images(data)
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def flaky(a, b, *args, **kw):
+        calls["n"] += 1
+        value = real(a, b, *args, **kw)
+        return value * float("nan") if calls["n"] in (2, 3) else value
+
+    monkeypatch.setattr("xqgan_core.engine.F.mse_loss", flaky)
+    out = tmp_path / "out"
+    Engine(Registry.from_toml(write_run(tmp_path, data, out, steps=5))).fit()
+    text = capsys.readouterr()
+    assert "non-finite loss, step skipped" in text.out + text.err
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 4, 5]  # steps 2 and 3 were skipped
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
+    assert state["bad_steps_total"] == 2 and state["step"] == 5
+
+
+def test_repeated_nan_stops_with_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_images(data)
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def broken_after_3(a, b, *args, **kw):
+        calls["n"] += 1
+        value = real(a, b, *args, **kw)
+        return value * float("nan") if calls["n"] > 2 else value
+
+    monkeypatch.setattr("xqgan_core.engine.F.mse_loss", broken_after_3)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError, match="max_bad_steps"):
+        Engine(Registry.from_toml(write_run(tmp_path, data, out, steps=20, max_bad_steps=3))).fit()
+    ck = latest_checkpoint(out)
+    assert ck is not None and ck.name == "step-00000002"
+    assert torch.load(ck / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_kill_9_then_same_command_resumes(tmp_path):
+    data = tmp_path / "data"
+    make_images(data, n=16)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=400, checkpoint_every=3, eval_every=1000, log_every=1)
+    proc = subprocess.Popen(CLI + [str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            ck = latest_checkpoint(out)
+            if ck is not None and int(ck.name.split("-")[1]) >= 6:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = int(latest_checkpoint(out).name.split("-")[1])
+    logged = max(r["step"] for r in records(out, "train"))
+    assert logged - killed_at < 3 + 3  # at most one checkpoint interval (plus steps in flight) lost
+    res = subprocess.run(CLI + [str(run), "--set", f"train.steps={killed_at + 3}"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from {latest_checkpoint(out).parent / f'step-{killed_at:08d}'} (step {killed_at})" in res.stdout + res.stderr
+    steps_after = [r["step"] for r in records(out, "train")]
+    assert steps_after[-3:] == [killed_at + 1, killed_at + 2, killed_at + 3]
+    # the schedule continues where it was: the lr at the final step is the uninterrupted schedule's
+    factor = warmup_cosine(2, killed_at + 3, 0.1)
+    assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * factor(killed_at + 3))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['XQGAN_TEST_MARKER']}",))
+
+
+def test_crafted_checkpoint_is_refused_and_not_executed(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=2)
+    Engine(Registry.from_toml(run)).fit()
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("XQGAN_TEST_MARKER", str(marker))
+    ck = latest_checkpoint(out)
+    with open(ck / "state.pt", "wb") as fh:
+        pickle.dump({"step": _Payload()}, fh)
+    res = subprocess.run(CLI + [str(run), "--set", "train.steps=4"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XQGAN_TEST_MARKER": str(marker)})
+    assert res.returncode == 1
+    assert "refusing to load" in res.stderr and "state.pt" in res.stderr
+    assert not marker.exists()
+
+
+def test_checkpoint_from_another_architecture_is_named(tmp_path):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    Engine(Registry.from_toml(write_run(tmp_path, data, out, steps=2))).fit()
+    changed = tiny_run(data, out, steps=4).replace("codebook_size = 32", "codebook_size = 48")
+    (tmp_path / "changed.toml").write_text(changed)
+    with pytest.raises(CheckpointError, match=r"quantizer.embedding.weight \(checkpoint \(32, 8\), run file \(48, 8\)\)"):
+        Engine(Registry.from_toml(tmp_path / "changed.toml")).fit()
+
+
+def test_run_without_data_is_a_config_error(tmp_path):
+    text = tiny_run(tmp_path, tmp_path / "out")
+    start = text.index("[data]")
+    text = text[:start] + text[text.index("[encoder]"):]
+    path = tmp_path / "nodata.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="data: select an image source"):
+        Engine(Registry.from_toml(path))

@@ -1,0 +1,320 @@
+"""Using a trained tokenizer: load it from a checkpoint, encode images to indices, decode, reconstruct, evaluate.
+
+>>> tok = Tokenizer.from_checkpoint("runs/default")          # out_dir, checkpoint folder, or a file inside it
+>>> x = tok.preprocess("photo.jpg").unsqueeze(0)              # (1, 3, R, R) in [-1, 1], R = the run's resolution
+>>> indices = tok.encode(x)                                   # e.g. (1, R/8, R/8) int64 for the vq quantizer
+>>> images = tok.decode(indices)                              # (1, 3, R, R) in [-1, 1]
+
+The model is rebuilt from the checkpoint's own ``run.toml`` (the resolved run file), so the architecture always
+matches what was trained; only the tables the tokenizer needs are validated (encoder, quantizer, decoder,
+adapters and the engine's plain sections). Device, discriminators, aligners, hooks, the generator and the data
+source are training-time choices: a checkpoint trained on an HPU with a PatchGAN loads on a CPU machine that has
+neither plugin installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from .data import ImageReadError, as_rgb, load_rgb, render, square_box, to_tensor
+from .devices import auto_device
+from .errors import CheckpointError, ConfigError, XQGanError
+from .evaluation import evaluate
+from .interfaces import Device, Indices
+from .model import TokenizerModel
+from .perceptual import Perceptual, load_lpips
+from .registry import Registry, build
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Tokenizer", "reconstruct_files", "evaluate_folder"]
+
+# Run-file tables that only matter while training; left out so inference does not need their plugins.
+_TRAINING_ONLY = ("device", "data", "discriminators", "aligners", "hooks", "generator")
+
+
+class Tokenizer:
+    """A trained tokenizer in eval mode on one device. Every method runs under ``torch.no_grad``."""
+
+    def __init__(
+        self,
+        model: TokenizerModel,
+        device: Device,
+        resolution: int | None = None,
+        *,
+        checkpoint: Path | None = None,
+        weights: Path | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.model = model.eval().to(device.torch_device)
+        self.device = device
+        self.resolution = resolution
+        self.checkpoint = checkpoint  # the checkpoint folder it came from (None if built directly)
+        self.weights = weights  # the weight file actually loaded: ema.safetensors or model.safetensors
+        self.registry = registry  # the checkpoint's run file (tokenizer tables only)
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: Device | str | torch.device | None = None, use_ema: bool = True
+    ) -> Tokenizer:
+        """Load a checkpoint folder, a file inside it, or a run's out_dir (its latest checkpoint).
+
+        ``use_ema`` picks ``ema.safetensors`` when the run kept an EMA, else ``model.safetensors`` is used.
+        ``device``: an xqgan Device, a name (``"cpu"``, ``"cuda"``, ``"hpu"``), a torch.device, or None for the
+        best available one. Raises CheckpointError if nothing loadable is there or the weights do not fit the
+        run file's architecture, ConfigError/PluginError if the run file names components that are not installed.
+        """
+        folder = ckpt.resolve_checkpoint(path)
+        run_file = folder / ckpt.RUN
+        try:
+            data = tomllib.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CheckpointError(f"cannot read {run_file}: {exc}") from exc
+        if not all(data.get(k) for k in ("encoder", "quantizer", "decoder")):
+            raise CheckpointError(f"{folder} is not a tokenizer checkpoint: its run.toml has no [encoder]/[quantizer]/[decoder]")
+        resolution = data.get("data", {}).get("resolution") if isinstance(data.get("data"), Mapping) else None
+        kept = {k: v for k, v in data.items() if k not in _TRAINING_ONLY}
+        registry = Registry.from_dict(kept, source=str(run_file))
+
+        cfg = registry.config
+        model = TokenizerModel(cfg.encoder.build(), cfg.quantizer.build(), cfg.decoder.build())
+        for adapter in cfg.adapters:  # e.g. LoRA adds parameters: the layout must match the saved one
+            model = adapter.build().apply(model)
+        weights = folder / ckpt.EMA
+        if not (use_ema and weights.is_file()):
+            weights = folder / ckpt.MODEL
+        what = "tokenizer (encoder/quantizer/decoder)" + (" EMA weights" if weights.name == ckpt.EMA else "")
+        tensors = ckpt.load_tensors(weights)
+        own = model.state_dict()
+        # the EMA shadow is kept in fp32; cast each entry back to the module's dtype before loading
+        tensors = {k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}
+        ckpt.load_into(model, tensors, what, weights)
+        return cls(
+            model,
+            _as_device(device),
+            resolution if isinstance(resolution, int) and not isinstance(resolution, bool) else None,
+            checkpoint=folder,
+            weights=weights,
+            registry=registry,
+        )
+
+    # -- properties ----------------------------------------------------------------------------------------------
+    @property
+    def downsample(self) -> int:
+        """Pixels per token side: an H x W image gives (H / downsample) x (W / downsample) tokens."""
+        return self.model.downsample
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.quantizer.codebook_size)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.device.torch_device
+
+    # -- images <-> indices --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Indices:
+        """Images (B, 3, H, W) in [-1, 1], H and W divisible by ``downsample`` -> indices (on the model's device)."""
+        return self.model.encode(self._check_images(images))
+
+    @torch.no_grad()
+    def decode(self, indices: Indices) -> Tensor:
+        """Indices as returned by ``encode`` -> images (B, 3, H, W) clamped to [-1, 1]."""
+        return self.model.decode(_to(indices, self.torch_device)).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """``decode(encode(images))``: what the tokenizer keeps of the images, clamped to [-1, 1]."""
+        return self.decode(self.encode(images))
+
+    @torch.no_grad()
+    def preprocess(self, image: Image.Image | str | Path, resolution: int | None = None) -> Tensor:
+        """A PIL image or an image file -> (3, R, R) in [-1, 1], as the data sources do for evaluation: the
+        centre square, resampled to R = ``resolution`` or the run's resolution.
+
+        With neither, the image keeps its size and is only centre-cropped to multiples of ``downsample``.
+        An unreadable file raises ``ImageReadError`` ("path: reason").
+        """
+        size = resolution or self.resolution
+        if isinstance(image, Image.Image):
+            img = as_rgb(image)
+        else:
+            img = load_rgb(image, draft_size=size)
+        if size:
+            return render(img, square_box(img.width, img.height), size)
+        d = self.downsample
+        w, h = img.width // d * d, img.height // d * d
+        if w == 0 or h == 0:
+            raise ValueError(f"image of {img.width}x{img.height} px is smaller than the downsampling factor {d}")
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        return to_tensor(img.crop((left, top, left + w, top + h)))
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images as a (B, 3, H, W) tensor in [-1, 1], got {shape}")
+        h, w = images.shape[-2:]
+        d = self.downsample
+        if h % d or w % d:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the tokenizer's downsampling factor {d}: "
+                f"crop or resize to multiples of {d} (e.g. {h // d * d}x{w // d * d})"
+            )
+        return images.to(self.torch_device, torch.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(checkpoint={str(self.checkpoint)!r}, weights={self.weights.name if self.weights else None!r}, "
+            f"device={self.torch_device}, resolution={self.resolution}, downsample={self.downsample}, "
+            f"codebook_size={self.codebook_size})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI helpers: xqgan-run reconstruct / xqgan-run eval
+
+
+def reconstruct_files(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    use_ema: bool = True,
+    *,
+    batch_size: int = 8,
+    device: Device | str | torch.device | None = None,
+) -> list[Path]:
+    """Reconstruct image files; for each, write ``<out>/<stem>.png`` (original | reconstruction, side by side)
+    and ``<out>/<stem>_recon.png``. Returns the written paths in input order.
+
+    Unreadable files are reported on stderr as "path: reason" and skipped; XQGanError if none could be read.
+    Colliding stems (``a/x.jpg``, ``b/x.png``) get ``-2``, ``-3``... suffixes instead of overwriting each other.
+    """
+    tok = Tokenizer.from_checkpoint(checkpoint, device=device, use_ema=use_ema)
+    loaded: list[tuple[str, Tensor]] = []
+    for path in images:
+        try:
+            loaded.append((str(path), tok.preprocess(path)))
+        except (ImageReadError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, ImageReadError) else f"{path}: {exc}"
+            print(reason, file=sys.stderr)
+    if not loaded:
+        raise XQGanError(f"none of the {len(images)} image(s) could be read; nothing was written")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _unique_stems([Path(p).stem for p, _ in loaded])
+    recons: list[Tensor | None] = [None] * len(loaded)
+    # batch images of equal size (all of them when the run has a resolution)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, x) in enumerate(loaded):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    for members in by_shape.values():
+        for start in range(0, len(members), max(1, batch_size)):
+            chunk = members[start : start + max(1, batch_size)]
+            batch = torch.stack([loaded[i][1] for i in chunk])
+            for i, r in zip(chunk, tok.reconstruct(batch).cpu()):
+                recons[i] = r
+
+    written: list[Path] = []
+    for (_, original), recon, name in zip(loaded, recons, names):
+        assert recon is not None
+        pair = torch.cat([original, recon], dim=2)  # along the width: original | reconstruction
+        written.append(_save_png(pair, out / f"{name}.png"))
+        written.append(_save_png(recon, out / f"{name}_recon.png"))
+    return written
+
+
+def evaluate_folder(
+    checkpoint: str | Path,
+    data_root: str | Path,
+    max_images: int = 0,
+    batch_size: int = 8,
+    use_ema: bool = True,
+    *,
+    resolution: int | None = None,
+    lpips_weights: str | Path | None = None,
+    device: Device | str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Metrics of a checkpoint on every image under ``data_root`` (centre crops at the run's resolution).
+
+    ``max_images`` > 0 evaluates a seeded random subset of that many images. Returns psnr, ssim, lpips (only
+    when the LPIPS backbone weights are available: ``lpips_weights``, else the run's ``loss.lpips_weights`` if that
+    file exists here, else the torch hub cache), utilization, perplexity and images.
+    """
+    tok = Tokenizer.from_checkpoint(checkpoint, device=device, use_ema=use_ema)
+    size = resolution or tok.resolution
+    if not size:
+        raise XQGanError(
+            f"{tok.checkpoint}: the run file has no data.resolution; pass the evaluation resolution explicitly"
+        )
+    try:
+        # holdout 0: every image is an evaluation image; eval_set() crops the centre and never flips
+        source = build("data", {"use": "folder", "package": "xqgan-core", "root": str(data_root),
+                                "resolution": int(size), "holdout": 0.0, "max_images": max_images})
+    except ConfigError as exc:  # about the folder given on the command line, not about a run file
+        raise XQGanError(f"cannot evaluate on {data_root}: " + "; ".join(exc.problems)) from None
+    dataset = source.eval_set()
+
+    weights = lpips_weights
+    if weights is None and tok.registry is not None:
+        configured = tok.registry.config.loss.lpips_weights
+        weights = configured if configured and Path(configured).expanduser().is_file() else None
+    module = load_lpips(weights or None, tok.torch_device)  # None (with one warning) without backbone weights
+    perceptual = Perceptual(module).to(tok.torch_device) if module is not None else None
+
+    model = tok.device.wrap_for_eval(tok.model)
+    metrics, _ = evaluate(model, dataset, tok.device, batch_size=batch_size, perceptual=perceptual, progress=progress)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_device(device: Device | str | torch.device | None) -> Device:
+    if device is None:
+        return auto_device()
+    if isinstance(device, Device):
+        return device
+    name = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return build("device", name)
+
+
+def _to(indices: Indices, device: torch.device) -> Indices:
+    if isinstance(indices, (list, tuple)):
+        return type(indices)(_to(i, device) for i in indices)
+    return indices.to(device)
+
+
+def _unique_stems(stems: list[str]) -> list[str]:
+    """Output names such that no ``<name>.png`` or ``<name>_recon.png`` of one image overwrites another's."""
+    taken: set[str] = set()
+    out = []
+    for stem in stems:
+        name, n = stem, 1
+        while name in taken or f"{name}_recon" in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.update((name, f"{name}_recon"))
+        out.append(name)
+    return out
+
+
+def _save_png(image: Tensor, path: Path) -> Path:
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(arr)).save(path, format="PNG")
+    return path
