@@ -180,6 +180,10 @@ def _eval(args: list[str]) -> int:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights if present")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(args)
+    from pathlib import Path
+
+    if not Path(ns.data).is_dir():
+        p.error(f"--data {ns.data}: not a folder")
     from .tokenizer import evaluate_folder
 
     metrics = evaluate_folder(ns.checkpoint, ns.data, max_images=ns.max_images, batch_size=ns.batch_size, use_ema=ns.ema)

@@ -84,7 +84,9 @@ class Tokenizer:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise CheckpointError(f"cannot read {run_file}: {exc}") from exc
         if not all(data.get(k) for k in ("encoder", "quantizer", "decoder")):
-            raise CheckpointError(f"{folder} is not a tokenizer checkpoint: its run.toml has no [encoder]/[quantizer]/[decoder]")
+            raise CheckpointError(
+                f"{folder} is not a tokenizer checkpoint: its run.toml lacks [encoder], [quantizer] or [decoder]"
+            )
         resolution = data.get("data", {}).get("resolution") if isinstance(data.get("data"), Mapping) else None
         kept = {k: v for k, v in data.items() if k not in _TRAINING_ONLY}
         registry = Registry.from_dict(kept, source=str(run_file))
