@@ -93,16 +93,16 @@ def test_usage_on_a_hand_made_histogram() -> None:
     stats = codebook_usage(torch.tensor([[0, 0], [1, 3]]), codebook_size=8)
     assert isinstance(stats["perplexity"], float) and isinstance(stats["utilization"], float)
     assert stats["perplexity"] == pytest.approx(2**1.5)
-    assert stats["utilization"] == pytest.approx(3 / 8)
+    assert stats["utilization"] == pytest.approx(100 * 3 / 8)
 
 
 def test_usage_extremes() -> None:
     uniform = codebook_usage(torch.arange(16).repeat(3), codebook_size=16)
     assert uniform["perplexity"] == pytest.approx(16.0)
-    assert uniform["utilization"] == 1.0
+    assert uniform["utilization"] == 100.0
     single = codebook_usage(torch.full((10,), 5), codebook_size=16)
     assert single["perplexity"] == pytest.approx(1.0)
-    assert single["utilization"] == pytest.approx(1 / 16)
+    assert single["utilization"] == pytest.approx(100 / 16)
     assert codebook_usage(torch.zeros(0, dtype=torch.long), 16) == {"perplexity": 0.0, "utilization": 0.0}
     with pytest.raises(ValueError, match="out of range"):
         codebook_usage(torch.tensor([16]), codebook_size=16)

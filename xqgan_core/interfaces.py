@@ -87,6 +87,9 @@ class Quantizer(Component, nn.Module):
     kind = "quantizer"
     dim: int
     codebook_size: int
+    #: levels (residual depth or number of scales); quantizers with more than one accept
+    #: ``forward(z, levels=...)``: a (B,) tensor of how many levels each sample keeps (quantizer dropout)
+    num_levels: int = 1
 
     def indices_to_codes(self, indices: Indices) -> Tensor:
         """Indices as returned in ``QuantOut.indices`` -> quantized latents (B, dim, h, w)."""

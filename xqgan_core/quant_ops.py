@@ -19,8 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import at_least, between, config, option
+
 __all__ = [
+    "LevelDropout",
     "autocast_disabled",
+    "draw_levels",
+    "level_mask",
+    "mean_losses",
     "codebook_usage",
     "commitment_losses",
     "flatten_tokens",
@@ -103,7 +109,7 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
     """Usage of a codebook by one batch of indices (any shape, values in ``[0, codebook_size)``).
 
     ``perplexity``: exp of the entropy of the code histogram (1 = one code used, ``codebook_size`` = uniform);
-    ``utilization``: fraction of the codebook's entries hit at least once. Both are batch-local (no all-reduce)
+    ``utilization``: % of the codebook's entries hit at least once (0-100, as in evaluation). Both are batch-local (no all-reduce)
     and are 0.0 for an empty batch. Returns Python floats (this synchronises with the device).
     """
     flat = indices.detach().reshape(-1).long()
@@ -116,7 +122,7 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
     entropy = -(probs * probs.log()).sum()
     return {
         "perplexity": float(math.exp(float(entropy))),
-        "utilization": float(probs.numel()) / codebook_size,
+        "utilization": 100.0 * float(probs.numel()) / codebook_size,
     }
 
 
@@ -131,3 +137,43 @@ def commitment_losses(z: Tensor, z_q: Tensor, beta: float) -> dict[str, Tensor]:
         "codebook": (zq32 - z32.detach()).pow(2).mean(),
         "commitment": beta * (zq32.detach() - z32).pow(2).mean(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantizer dropout and loss averaging, shared by residual (rq), multi-scale (msrq) and product (pq) quantizers
+
+
+@config
+class LevelDropout:
+    """Quantizer dropout: in training, a fraction of samples keeps only the first n levels (scales)."""
+
+    rate: float = option(0.0, help="Fraction of training samples that keep a random prefix of the levels (paper: 0.1).",
+                         validator=between(0, 1))
+    min_levels: int = option(1, help="Fewest levels a dropped sample keeps; n ~ U{min_levels..levels} (paper: 3).",
+                             validator=at_least(1))
+
+
+def draw_levels(batch: int, num_levels: int, dropout: LevelDropout, training: bool, device: torch.device) -> Tensor:
+    """How many levels each sample keeps, shape (B,) int64: all of them, except that in training a random
+    ``rate`` fraction of samples keeps ``n ~ U{min_levels..num_levels}``. Product branches share one draw."""
+    kept = torch.full((batch,), num_levels, dtype=torch.long, device=device)
+    if not training or dropout.rate <= 0 or num_levels <= 1:
+        return kept
+    lo = min(dropout.min_levels, num_levels)
+    dropped = torch.rand(batch, device=device) < dropout.rate
+    n = torch.randint(lo, num_levels + 1, (batch,), device=device)
+    return torch.where(dropped, n, kept)
+
+
+def level_mask(levels: Tensor, level: int, like: Tensor) -> Tensor:
+    """(B, 1, 1, 1) mask in ``like``'s dtype: 1 where the sample keeps level ``level`` (0-based), else 0."""
+    return (levels > level).to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def mean_losses(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Average same-named losses over levels or branches (a name missing from a part counts as absent there)."""
+    names: dict[str, list[Tensor]] = {}
+    for part in parts:
+        for name, value in part.items():
+            names.setdefault(name, []).append(value)
+    return {name: torch.stack(values).mean() for name, values in names.items()}
