@@ -125,6 +125,8 @@ class Engine:
         if self.world > 1:
             ddp_kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
             self.train_model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+            for tensor in discs.state_dict().values():  # every rank starts from rank 0's discriminators
+                torch.distributed.broadcast(tensor, src=0)
 
         self.perceptual = self._perceptual(dev)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -283,6 +285,8 @@ class Engine:
                 return {"d_skipped": 1.0}
             (loss / len(fakes)).backward()
             total += loss.item() / len(fakes)
+        if self.world > 1:  # discriminators are not DDP-wrapped (two forward passes per step): average by hand
+            _all_reduce_mean_grads(self.discs.parameters(), self.world)
         _clip(self.discs.parameters(), self.cfg.train.grad_clip)
         self.disc_opt.step()
         return {"d_loss": total, "d_lecam": lecam_total}
@@ -492,6 +496,19 @@ def _clip(params: Any, max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+
+
+def _all_reduce_mean_grads(params: Any, world: int) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _seed_everything(seed: int) -> None:

@@ -34,7 +34,8 @@ def evaluate(
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
     averages = MetricAverager()
-    usage = CodebookUsage(model.quantizer.codebook_size)
+    usage: CodebookUsage | None = None
+    group_names: list[str] = []
     originals, recons = [], []
     dev = device.torch_device
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
@@ -45,16 +46,20 @@ def evaluate(
         if perceptual is not None:
             values["lpips"] = perceptual(recon, x)
         averages.update(values)
-        indices = quant.indices
-        usage.update(torch.cat([i.flatten() for i in indices]) if isinstance(indices, (list, tuple)) else indices)
+        groups = model.quantizer.codebook_groups(quant.indices)
+        if usage is None:
+            group_names = list(groups)
+            usage = CodebookUsage([model.quantizer.codebook_size] * len(groups) if len(groups) > 1
+                                  else model.quantizer.codebook_size)
+        usage.update(list(groups.values()) if len(groups) > 1 else groups[group_names[0]])
         if sum(o.shape[0] for o in originals) < grid_images:
             originals.append(x.cpu())
             recons.append(recon.cpu())
     metrics = averages.compute()
-    codebook = usage.compute()
-    for key in ("utilization", "perplexity"):  # absent when nothing was evaluated
-        if key in codebook:
-            metrics[key] = codebook[key]
+    codebook = usage.compute() if usage is not None else {}
+    for key, value in codebook.items():  # per-codebook entries come as "utilization/<i>": name them
+        name, _, index = key.partition("/")
+        metrics[f"{name}/{group_names[int(index)]}" if index else name] = value
     metrics["images"] = float(n)
     model.train(was_training)
     grid = None

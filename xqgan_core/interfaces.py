@@ -95,6 +95,14 @@ class Quantizer(Component, nn.Module):
         """Indices as returned in ``QuantOut.indices`` -> quantized latents (B, dim, h, w)."""
         raise NotImplementedError
 
+    def codebook_groups(self, indices: Indices) -> dict[str, Tensor]:
+        """Indices split by the codebook they index, for codebook-health metrics: ``{"": all}`` for one codebook;
+        quantizers with several codebooks (product branches, separate residual levels) return one entry each,
+        named like ``branch1`` or ``branch0/level2``."""
+        if isinstance(indices, (list, tuple)):
+            return {"": torch.cat([i.flatten() for i in indices])}
+        return {"": indices}
+
     def codes_to_indices(self, z: Tensor) -> Indices:
         """Latents -> indices, without losses or statistics (inference path)."""
         with torch.no_grad():
