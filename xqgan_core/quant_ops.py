@@ -23,6 +23,9 @@ from .config import at_least, between, config, option
 
 __all__ = [
     "LevelDropout",
+    "flatten_scales",
+    "token_count",
+    "unflatten_scales",
     "autocast_disabled",
     "draw_levels",
     "level_mask",
@@ -177,3 +180,41 @@ def mean_losses(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         for name, value in part.items():
             names.setdefault(name, []).append(value)
     return {name: torch.stack(values).mean() for name, values in names.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-scale index maps <-> one flat token sequence (the layout a next-scale / VAR generator reads).
+# A multi-scale quantizer returns one (B, *extra, s, s) map per scale, coarse to fine (extra = (P,) when product
+# branches are stacked after the batch); the sequence concatenates them scale after scale, each row-major.
+
+from collections.abc import Sequence  # noqa: E402
+
+
+def token_count(scales: Sequence[int]) -> int:
+    """Length of the token sequence of a multi-scale index list: ``sum(s^2)`` (286 for the paper's 10 scales)."""
+    return sum(int(s) * int(s) for s in scales)
+
+
+def flatten_scales(indices: Sequence[Tensor]) -> Tensor:
+    """``[(B, *extra, s_k, s_k)] -> (B, *extra, sum s_k^2)``, scale after scale, each map row-major."""
+    if not isinstance(indices, (list, tuple)) or not indices:
+        raise ValueError("expected a non-empty list of per-scale index maps (B, ..., s, s)")
+    lead = indices[0].shape[:-2]
+    for k, idx in enumerate(indices):
+        if idx.ndim < 3 or idx.shape[-1] != idx.shape[-2] or idx.shape[:-2] != lead:
+            raise ValueError(
+                f"index map {k} has shape {tuple(idx.shape)}; every map must be (B, ..., s, s) with the same "
+                f"leading dims {tuple(lead)}"
+            )
+    return torch.cat([idx.flatten(start_dim=-2) for idx in indices], dim=-1)
+
+
+def unflatten_scales(tokens: Tensor, scales: Sequence[int]) -> list[Tensor]:
+    """Inverse of ``flatten_scales``: ``(B, *extra, sum s_k^2) -> [(B, *extra, s_k, s_k)]`` (views of ``tokens``)."""
+    expected = token_count(scales)
+    if tokens.ndim < 2 or tokens.shape[-1] != expected:
+        raise ValueError(
+            f"expected a token sequence (B, ..., {expected}) for scales {tuple(scales)}, got {tuple(tokens.shape)}"
+        )
+    parts = torch.split(tokens, [s * s for s in scales], dim=-1)
+    return [part.unflatten(-1, (s, s)) for part, s in zip(parts, scales)]
