@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xqgan-run: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `xqgan-run describe ... | head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 class _Parser(argparse.ArgumentParser):
