@@ -258,3 +258,33 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert "device cpu x2" in res.stdout + res.stderr
     assert latest_checkpoint(out).name == "step-00000004"
     assert "d_loss" in records(out, "train")[-1]
+
+
+HIERARCHIES = {
+    "pq2-msrq-vq": ('use = "pq"\nbranches = 2\n[quantizer.branch]\nuse = "msrq"\nscales = [1, 2, 4, 8]\nphi_count = 2\n'
+                    'dropout = { rate = 0.5, min_levels = 2 }\n[quantizer.branch.code]\nuse = "vq"\ncodebook_size = 32\ndim = 4'),
+    "pq2-rq-lfq": ('use = "pq"\nbranches = 2\n[quantizer.branch]\nuse = "rq"\nlevels = 2\n[quantizer.branch.code]\n'
+                   'use = "lfq"\nbits = 4'),
+    "msrq-bsq": 'use = "msrq"\nscales = [1, 2, 4, 8]\nphi_count = 2\n[quantizer.code]\nuse = "bsq"\nbits = 8',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIERARCHIES))
+def test_cnn_pipeline_trains_with_quantizer_hierarchies(tmp_path, name):
+    """The CNN tokenizer trains and evaluates with product / residual / multi-scale quantizers (P > 1 included)."""
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    text = tiny_run(data, out, steps=3)
+    start, end = text.index("[quantizer]"), text.index("[decoder]")
+    text = text[:start] + "[quantizer]\n" + HIERARCHIES[name] + "\n\n" + text[end:]
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    metrics = Engine(Registry.from_toml(path)).fit()
+    assert metrics["psnr"] > 0 and 0 < metrics["utilization"] <= 100
+    per_codebook = {
+        "pq2-msrq-vq": {"utilization/branch0", "utilization/branch1"},  # one codebook per branch, shared by scales
+        "pq2-rq-lfq": {f"utilization/branch{b}/level{lv}" for b in (0, 1) for lv in (0, 1)},
+        "msrq-bsq": set(),
+    }[name]
+    assert per_codebook <= set(metrics)
