@@ -394,3 +394,25 @@ def test_codebook_groups_follow_the_codebooks() -> None:
     groups = nested.codebook_groups(idx)
     assert list(groups) == ["level0/branch0", "level0/branch1", "level1/branch0", "level1/branch1"]
     assert torch.equal(groups["level1/branch0"], idx[:, 1, 0])
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"use": "rq", "levels": 3, "shared_codebook": True,
+         "code": {"use": "vq", "dim": 4, "codebook_size": 16, "dead_code_threshold": 1.0}},
+        {"use": "rq", "levels": 3, "shared_codebook": True,
+         "code": {"use": "vq", "dim": 4, "codebook_size": 16, "kmeans_init": 2, "l2_norm": False}},
+    ],
+    ids=["shared-restarts", "shared-kmeans"],
+)
+def test_shared_codebook_maintenance_does_not_break_backward(table):
+    """Codebook maintenance (restarts, k-means init) on a codebook that earlier levels already used this step."""
+    from xqgan_core import build
+
+    q = build("quantizer", table).train()
+    for _ in range(3):
+        z = torch.randn(4, 4, 4, 4, requires_grad=True)
+        out = q(z)
+        (out.z_q.sum() + out.loss).backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all()

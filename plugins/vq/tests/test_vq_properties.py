@@ -31,7 +31,10 @@ def test_defaults_and_codebook_storage() -> None:
     assert (vq.codebook_size, vq.dim) == (4096, 8)
     assert vq.config.beta == 0.25 and vq.config.l2_norm is True and vq.config.chunk_size == 4096
     assert isinstance(vq.embedding, torch.nn.Embedding)
-    assert list(vq.state_dict()) == ["embedding.weight"]
+    # all codebook-health options are off: only the window-usage buffers join the codebook
+    assert sorted(vq.state_dict()) == ["embedding.weight", "last_hit", "train_batches"]
+    assert vq.embedding.weight.requires_grad
+    assert vq.config.kmeans_init == 0 and vq.config.dead_code_threshold == 0 and vq.config.ema_update is False
 
 
 def test_init_is_uniform_then_normalised() -> None:
@@ -133,8 +136,13 @@ def test_straight_through_gradient_passes_the_normalisation() -> None:
 
 def test_stats_describe_the_batch() -> None:
     vq = make()
-    out = vq(latents())
+    out = vq.eval()(latents())
     assert out.stats == pytest.approx(codebook_usage(out.indices, 64))
+    train = vq.train()(latents())
+    assert set(train.stats) == {"perplexity", "utilization", "window_utilization", "dead_codes"}
+    # first training batch: the window holds this batch only
+    assert train.stats["window_utilization"] == pytest.approx(train.stats["utilization"])
+    assert train.stats["dead_codes"] == 64 - round(train.stats["utilization"] * 64 / 100)
     assert 1.0 <= out.stats["perplexity"] <= 32 and 0 < out.stats["utilization"] <= 100 * 32 / 64
 
 
