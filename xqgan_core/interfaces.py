@@ -13,7 +13,7 @@ Return values are typed (``QuantOut``), never positional tuples.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 

@@ -30,6 +30,7 @@ __all__ = [
     "draw_levels",
     "level_mask",
     "mean_losses",
+    "nested_stats",
     "codebook_usage",
     "commitment_losses",
     "flatten_tokens",
@@ -180,6 +181,24 @@ def mean_losses(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         for name, value in part.items():
             names.setdefault(name, []).append(value)
     return {name: torch.stack(values).mean() for name, values in names.items()}
+
+
+def nested_stats(parts: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """Part i's stats under ``{prefix}{i}/``, plus the mean over parts of each top-level numeric stat."""
+    out: dict[str, Any] = {}
+    values: dict[str, list[float]] = {}
+    for i, part in enumerate(parts):
+        for key, value in part.items():
+            out[f"{prefix}{i}/{key}"] = value
+            if "/" not in key and _is_scalar(value):
+                values.setdefault(key, []).append(float(value))
+    return {**{key: sum(v) / len(v) for key, v in values.items()}, **out}
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------------

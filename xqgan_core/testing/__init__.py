@@ -23,6 +23,8 @@ from .contracts import (
     EncoderContract,
     ModuleContract,
     QuantizerContract,
+    TINY_VQ,
+    tiny_quantizer,
 )
 from .fixtures import offline_env, tmp_torch_home
 
@@ -33,6 +35,8 @@ __all__ = [
     "EncoderContract",
     "ModuleContract",
     "QuantizerContract",
+    "TINY_VQ",
+    "tiny_quantizer",
     "offline_env",
     "tmp_torch_home",
 ]

@@ -18,6 +18,19 @@ from ..errors import ConfigError
 from ..interfaces import INTERFACES, QuantOut
 
 
+#: a small vq table for nesting in tests
+TINY_VQ: dict[str, Any] = {"use": "vq", "codebook_size": 16, "dim": 4}
+# small settings for any installed quantizer, applied only where its Config has the option
+_TINY_OPTIONS: dict[str, Any] = {"codebook_size": 16, "dim": 4, "bits": 4, "levels": 2, "branches": 2,
+                                 "scales": [1, 2, 4], "phi_count": 0, "code": TINY_VQ, "branch": TINY_VQ}
+
+
+def tiny_quantizer(name: str) -> dict[str, Any]:
+    """A small, valid table for the installed quantizer ``name`` (for tests that sweep the catalog)."""
+    fields = attrs.fields_dict(catalog().resolve("quantizer", name).load().Config)
+    return {"use": name, **{k: copy.deepcopy(v) for k, v in _TINY_OPTIONS.items() if k in fields}}
+
+
 def _wrong_values(tp: Any, is_component: bool) -> list[Any]:
     """Values of the wrong type for an option of type ``tp`` (the strictness the kit demands)."""
     if is_component:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import torch
 
 from xqgan_core import catalog
 from xqgan_core.testing.contracts import QuantizerContract

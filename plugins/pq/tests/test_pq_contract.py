@@ -3,23 +3,11 @@ installed quantizer (lfq, bsq, msrq, pq, ... whatever the catalog offers when th
 
 from __future__ import annotations
 
-import copy
-from typing import Any
 
-import attrs
 
 from xqgan_core import build, catalog
-from xqgan_core.testing.contracts import QuantizerContract
+from xqgan_core.testing.contracts import TINY_VQ, QuantizerContract, tiny_quantizer
 
-TINY_VQ = {"use": "vq", "codebook_size": 16, "dim": 4}
-# small settings for any installed quantizer, applied only where its Config has the option
-_TINY = {"codebook_size": 16, "dim": 4, "bits": 4, "levels": 2, "branches": 2, "scales": [1, 2, 4], "phi_count": 0,
-         "code": TINY_VQ, "branch": TINY_VQ}
-
-
-def tiny(name: str) -> dict[str, Any]:
-    fields = attrs.fields_dict(catalog().resolve("quantizer", name).load().Config)
-    return {"use": name, **{k: copy.deepcopy(v) for k, v in _TINY.items() if k in fields}}
 
 
 class ResidualQuantizerContract(QuantizerContract):
@@ -59,11 +47,11 @@ class TestPQOverRQContract(ResidualQuantizerContract):
 for _name in catalog().names("quantizer"):
     if _name in ("vq", "rq"):
         continue
-    _multi = build("quantizer", tiny(_name)).num_levels > 1
+    _multi = build("quantizer", tiny_quantizer(_name)).num_levels > 1
     _cls = type(
         f"TestPQOver_{_name}_Contract",
         (ResidualQuantizerContract if _multi else QuantizerContract,),
-        {"name": "pq", "options": {"branches": 2, "branch": tiny(_name)}, "straight_through_is_identity": False,
+        {"name": "pq", "options": {"branches": 2, "branch": tiny_quantizer(_name)}, "straight_through_is_identity": False,
          "__module__": __name__},
     )
     globals()[_cls.__name__] = _cls

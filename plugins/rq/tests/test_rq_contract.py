@@ -3,24 +3,13 @@ installed single-level quantizer (lfq, bsq, pq(vq), ... whatever the catalog off
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import attrs
 import torch
 
 from xqgan_core import build, catalog
-from xqgan_core.testing.contracts import QuantizerContract
+from xqgan_core.testing.contracts import TINY_VQ, QuantizerContract, tiny_quantizer
 
-TINY_VQ = {"use": "vq", "codebook_size": 16, "dim": 4}
-# small settings for any installed quantizer, applied only where its Config has the option
-_TINY = {"codebook_size": 16, "dim": 4, "bits": 4, "levels": 2, "branches": 2, "scales": [1, 2, 4], "phi_count": 0,
-         "code": TINY_VQ, "branch": TINY_VQ}
-
-
-def tiny(name: str) -> dict[str, Any]:
-    fields = attrs.fields_dict(catalog().resolve("quantizer", name).load().Config)
-    return {"use": name, **{k: copy.deepcopy(v) for k, v in _TINY.items() if k in fields}}
 
 
 class ResidualQuantizerContract(QuantizerContract):
@@ -73,7 +62,7 @@ class TestRQShrinkingCodebooksContract(QuantizerContract):
 def _single_level_names() -> list[str]:
     names = []
     for name in catalog().names("quantizer"):
-        if name != "vq" and build("quantizer", tiny(name)).num_levels == 1:
+        if name != "vq" and build("quantizer", tiny_quantizer(name)).num_levels == 1:
             names.append(name)
     return names
 
@@ -83,6 +72,6 @@ for _name in _single_level_names():
     _cls = type(
         f"TestRQOver_{_name}_Contract",
         (ResidualQuantizerContract,),
-        {"name": "rq", "options": {"levels": 2, "code": tiny(_name)}, "__module__": __name__},
+        {"name": "rq", "options": {"levels": 2, "code": tiny_quantizer(_name)}, "__module__": __name__},
     )
     globals()[_cls.__name__] = _cls

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from xqgan_core import ComponentSpec, component, config, option, positive
 from xqgan_core.config import validate_component
 from xqgan_core.interfaces import Indices, QuantOut, Quantizer
-from xqgan_core.quant_ops import mean_losses
+from xqgan_core.quant_ops import mean_losses, nested_stats
 
 
 class ProductQuantizer(Quantizer):
@@ -140,21 +140,3 @@ def _stack_branches(per_branch: list[Indices]) -> Indices:
     if isinstance(first, Tensor):
         return torch.stack([i.long() for i in per_branch], dim=1)  # type: ignore[union-attr]
     return [torch.stack([b[s].long() for b in per_branch], dim=1) for s in range(len(first))]  # type: ignore[index]
-
-
-def nested_stats(parts: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
-    """Part i's stats under ``{prefix}{i}/``, plus the mean over parts of each top-level numeric stat."""
-    out: dict[str, Any] = {}
-    values: dict[str, list[float]] = {}
-    for i, part in enumerate(parts):
-        for key, value in part.items():
-            out[f"{prefix}{i}/{key}"] = value
-            if "/" not in key and _is_scalar(value):
-                values.setdefault(key, []).append(float(value))
-    return {**{key: sum(v) / len(v) for key, v in values.items()}, **out}
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -64,7 +64,7 @@ from xqgan_core import ComponentSpec, component, config, option, positive, secti
 from xqgan_core.config import validate_component
 from xqgan_core.errors import ConfigError
 from xqgan_core.interfaces import Indices, QuantOut, Quantizer
-from xqgan_core.quant_ops import LevelDropout, draw_levels, level_mask, mean_losses, straight_through
+from xqgan_core.quant_ops import LevelDropout, draw_levels, level_mask, mean_losses, nested_stats, straight_through
 
 
 class ResidualQuantizer(Quantizer):
@@ -215,21 +215,3 @@ def _levels_tensor(levels: Tensor | int, batch: int, device: torch.device) -> Te
         got = tuple(levels.shape) if isinstance(levels, Tensor) else repr(levels)
         raise ValueError(f"levels must be an int or a ({batch},) tensor of kept-level counts, got {got}")
     return levels.to(device=device, dtype=torch.long)
-
-
-def nested_stats(parts: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
-    """Part i's stats under ``{prefix}{i}/``, plus the mean over parts of each top-level numeric stat."""
-    out: dict[str, Any] = {}
-    values: dict[str, list[float]] = {}
-    for i, part in enumerate(parts):
-        for key, value in part.items():
-            out[f"{prefix}{i}/{key}"] = value
-            if "/" not in key and _is_scalar(value):
-                values.setdefault(key, []).append(float(value))
-    return {**{key: sum(v) / len(v) for key, v in values.items()}, **out}
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
