@@ -8,12 +8,13 @@ One iteration = forward in training mode, then ``(sum of the returned losses + m
 each starts by dropping the previous gradients (``grad = None``, free).
 
 * **time**: both libraries in this process, iterations interleaved (ours, peer, peer, ours, ...), so that load from
-  other processes on a shared machine hits both sides alike; ``warmup`` untimed iterations, then the median of
-  the timed ones. Threads: torch's default (``--threads N`` to change it, e.g. 1 on a loaded machine, where every
-  multi-threaded op can wait a scheduler slice for its second thread).
+  other processes on a shared machine hits both sides alike; ``--warmup`` untimed iterations (fewer, at least one,
+  when they are slow next to ``--budget-s``), then the median of ``--iters`` timed ones (fewer, at least 3, once
+  both sides together spent ``--budget-s``). Threads: torch's default (``--threads N`` to change it, e.g. 1 on a
+  loaded machine, where every multi-threaded op can wait a scheduler slice for its second thread).
 * **peak memory**: a fresh subprocess per (library, case), so peaks never mix. The child imports, builds the input,
   resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads its RSS (``VmRSS``) as the baseline;
-  then builds the module and runs ``warmup + 2`` iterations. Peak = ``VmHWM - baseline``: the module (parameters,
+  then builds the module and runs 2 iterations (the second one sees any state the first one created). Peak = ``VmHWM - baseline``: the module (parameters,
   buffers such as a peer's all-codes table), activations, gradients and temporaries. (``VmHWM`` rather than
   ``ru_maxrss``: a child's ``ru_maxrss`` never drops below its parent's RSS at fork, so it would mix the two;
   where the reset is not allowed, ``ru_maxrss`` minus the baseline ``ru_maxrss`` is used instead.)
@@ -306,18 +307,24 @@ def measure_time(case: Case, sides: list[str], warmup: int, iters: int, budget_s
     z = {lib: make_input(case, lib) for lib in sides}
     runs = {lib: step_fn(build_module(case, lib), lib, z[lib]) for lib in sides}
     times: dict[str, list[float]] = {lib: [] for lib in sides}
+    # warm-up: at least one iteration per side; more only while they stay cheap next to the budget
+    t_warm = time.perf_counter()
+    for i in range(max(warmup, 1)):
+        for lib in sides:
+            runs[lib]()
+        if time.perf_counter() - t_warm > budget_s / 4:
+            break
     spent = 0.0
-    for i in range(warmup + iters):
+    for i in range(iters):
         order = sides if i % 2 == 0 else sides[::-1]
         for lib in order:
             t0 = time.perf_counter()
             runs[lib]()
             dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[lib].append(dt)
-                spent += dt
+            times[lib].append(dt)
+            spent += dt
         # slow cases stop early, but never with fewer than 3 timed iterations per side
-        if i >= warmup + 2 and spent > budget_s:
+        if i >= 2 and spent > budget_s:
             break
     del runs, z
     torch.set_grad_enabled(True)
@@ -406,7 +413,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lib", default="ours", help=argparse.SUPPRESS)
-    parser.add_argument("--child-iters", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-iters", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -449,6 +456,12 @@ def main() -> None:
     print(f"# {meta['date']}  torch {meta['torch']}  vector-quantize-pytorch {meta['vector_quantize_pytorch']}  "
           f"threads {meta['torch_threads']}  load {' '.join(f'{x:.2f}' for x in meta['loadavg_start'])}", flush=True)
 
+    busy = meta["loadavg_start"][0] >= 0.75 * (os.cpu_count() or 1)
+    if busy and torch.get_num_threads() > 1:
+        print(f"WARNING: load average {meta['loadavg_start'][0]:.1f} on {os.cpu_count()} CPUs. Other processes hold the "
+              "cores, so each multi-threaded op may wait a scheduler slice for its second thread: timings then "
+              "count ops more than work. Rerun when idle, or compare with --threads 1.", flush=True)
+
     rows = []
     for case in cases:
         t_case = time.perf_counter()
@@ -456,7 +469,7 @@ def main() -> None:
         mem = {lib: {"status": "skipped", "peak_bytes": None} for lib in ("ours", "peer")}
         if not args.no_memory:
             for lib in libs:
-                mem[lib] = measure_memory(case, lib, args.mem_cap_gib, batch, args.warmup + 2, args.threads)
+                mem[lib] = measure_memory(case, lib, args.mem_cap_gib, batch, 2, args.threads)
                 if mem[lib]["status"] not in ("ok", "oom"):
                     print(f"  {case.name} {lib}: memory child failed: {mem[lib].get('error')}", flush=True)
         sides = ["ours"]
