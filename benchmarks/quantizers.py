@@ -368,7 +368,9 @@ def judge(row: dict[str, Any], quick: bool) -> str:
             return "n/a"
         return "yes" if ratio >= target["value"] else "NO"
     peak = row["ours_peak_bytes"]
-    return "yes" if peak is not None and peak < target["value"] else "NO"
+    if peak is None:
+        return "n/a" if row["ours_memory"].get("status") == "skipped" else "NO"
+    return "yes" if peak < target["value"] else "NO"
 
 
 def render_table(rows: list[dict[str, Any]], cap_gib: float) -> str:

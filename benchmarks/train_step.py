@@ -76,6 +76,45 @@ def peak_rss_bytes() -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# contention: the machine is shared, so every timed step also records how much CPU other processes took meanwhile
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have spent busy since boot (first line of /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(max_others: float, budget_s: float, window_s: float = 2.0) -> float:
+    """Idle until other processes use less than ``max_others`` of the CPUs over a ``window_s`` window, or until
+    ``budget_s`` has passed. Returns the seconds waited. (This process is idle meanwhile, so all busy time counts.)"""
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget_s:
+        b0 = machine_busy_seconds()
+        time.sleep(window_s)
+        if (machine_busy_seconds() - b0) / (window_s * (os.cpu_count() or 1)) < max_others:
+            break
+    return time.perf_counter() - start
+
+
+class StepClock:
+    """Wall time, this process's CPU time and the other processes' share of the machine's CPUs over an interval."""
+
+    def __enter__(self) -> StepClock:
+        self.t0, self.c0, self.b0 = time.perf_counter(), time.process_time(), machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+        others = machine_busy_seconds() - self.b0 - self.cpu
+        self.others_share = min(max(others / (self.wall * (os.cpu_count() or 1)), 0.0), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the measurement itself (runs in the child process)
 
 
@@ -162,44 +201,51 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_build_GiB": rss_before / GIB,
     }
 
-    # phase A: forward + losses + backward, no optimizer (comparable to the reference figure)
-    # process CPU time is reported next to wall time: on a shared machine wall time inflates with the load, while
-    # CPU time / threads stays close to the uncontended wall time (OpenMP spin-waits make it an upper bound).
-    fwd, bwd, cpu = [], [], []
+    # phase A: forward + losses + backward, no optimizer (comparable to the reference figure).
+    # Per step: wall time, this process's CPU time and the other processes' share of the CPUs ("others"); on this
+    # shared machine the step with the least interference ("best") is the estimate of the uncontended speed.
+    fwd, walls, cpus, others = [], [], [], []
+    waited = 0.0
     for i in range(args.warmup + args.steps):
-        c0 = time.process_time()
-        f, b, loss = fwd_bwd()
-        model.zero_grad(set_to_none=True)
+        if i >= args.warmup and args.wait_quiet:
+            waited += wait_until_quiet(args.max_others, args.wait_quiet)
+        with StepClock() as clock:
+            f, _, loss = fwd_bwd()
+            model.zero_grad(set_to_none=True)
         if i >= args.warmup:
             fwd.append(f)
-            bwd.append(b)
-            cpu.append(time.process_time() - c0)
+            walls.append(clock.wall)
+            cpus.append(clock.cpu)
+            others.append(clock.others_share)
     peak_a = peak_rss_bytes()
-    steps_a = [f + b for f, b in zip(fwd, bwd)]
+    best = min(range(len(walls)), key=walls.__getitem__)
     out.update(
-        fwd_s=mean(fwd), bwd_s=mean(bwd), fwd_bwd_s=mean(steps_a), fwd_bwd_min_s=min(steps_a), fwd_bwd_all_s=steps_a,
-        fwd_bwd_cpu_s=mean(cpu), peak_fwd_bwd_GiB=peak_a / GIB,
-        peak_fwd_bwd_increase_GiB=(peak_a - rss_before) / GIB, loss=loss,
+        fwd_s=mean(fwd), fwd_bwd_s=mean(walls), fwd_bwd_min_s=walls[best], fwd_bwd_min_others=others[best],
+        fwd_bwd_all_s=walls, fwd_bwd_cpu_all_s=cpus, fwd_bwd_others_all=others, others_mean=mean(others),
+        peak_fwd_bwd_GiB=peak_a / GIB, peak_fwd_bwd_increase_GiB=(peak_a - rss_before) / GIB, loss=loss,
     )
 
     # phase B: full training step with AdamW
     if not args.no_optimizer:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        steps = []
+        steps, others_b = [], []
         for i in range(args.warmup + args.steps):
-            f, b, loss = fwd_bwd()
-            t0 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            o = time.perf_counter() - t0
+            if i >= args.warmup and args.wait_quiet:
+                waited += wait_until_quiet(args.max_others, args.wait_quiet)
+            with StepClock() as clock:
+                fwd_bwd()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             if i >= args.warmup:
-                steps.append(f + b + o)
+                steps.append(clock.wall)
+                others_b.append(clock.others_share)
         peak_b = peak_rss_bytes()
         out.update(
-            train_s=mean(steps), train_min_s=min(steps), train_all_s=steps,
+            train_s=mean(steps), train_min_s=min(steps), train_all_s=steps, train_others_all=others_b,
             peak_train_GiB=peak_b / GIB, peak_train_increase_GiB=(peak_b - rss_before) / GIB,
         )
     out["load_after"] = os.getloadavg()
+    out["waited_for_quiet_s"] = waited
     return out
 
 
@@ -259,6 +305,8 @@ def run_child(args: argparse.Namespace, config: str, flags: dict[str, bool]) -> 
         cmd += ["--threads", str(args.threads)]
     if args.no_optimizer:
         cmd.append("--no-optimizer")
+    if args.wait_quiet:
+        cmd += ["--wait-quiet", str(args.wait_quiet), "--max-others", str(args.max_others)]
     if args.profile:
         cmd.append("--profile")
     cmd += [f"--{name}" for name, on in flags.items() if on]
@@ -282,8 +330,9 @@ def print_profile(r: dict[str, Any]) -> None:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table. Times are "mean (best)" over the timed steps; images/s and the speed ratio use the best step,
-    which is the estimate least affected by other jobs on a shared machine (the load column says how shared)."""
-    head = ("config", "batch", "options", "fwd+bwd s/step", "CPU s/step", "img/s", "train s/step", "img/s",
+    which is the estimate least affected by other jobs on a shared machine. "others" is the share of the machine's
+    CPUs that other processes used during the fwd+bwd steps: mean (during the best step)."""
+    head = ("config", "batch", "options", "fwd+bwd s/step", "others", "img/s", "train s/step", "img/s",
             "peak fwd+bwd GiB (+incr)", "peak train GiB (+incr)", "load 1m", "vs ref: speed / peak")
     rows = []
     for r in results:
@@ -296,7 +345,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         train = r.get("train_s")
         rows.append((
             r["config"], str(r["batch"]), r["options"], f"{r['fwd_bwd_s']:.2f} ({r['fwd_bwd_min_s']:.2f})",
-            f"{r['fwd_bwd_cpu_s']:.2f}", f"{r['batch'] / r['fwd_bwd_min_s']:.2f}",
+            f"{r['others_mean']:.0%} ({r['fwd_bwd_min_others']:.0%})", f"{r['batch'] / r['fwd_bwd_min_s']:.2f}",
             f"{train:.2f} ({r['train_min_s']:.2f})" if train else "-",
             f"{r['batch'] / r['train_min_s']:.2f}" if train else "-",
             f"{r['peak_fwd_bwd_GiB']:.2f} (+{r['peak_fwd_bwd_increase_GiB']:.2f})",
@@ -319,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in encoder and decoder")
     p.add_argument("--bf16", action="store_true", help="forward under torch.autocast('cpu', dtype=bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each timed step wait up to SECONDS for other processes to use < --max-others of the "
+                   "CPUs (for shared machines; 0 = don't wait)")
+    p.add_argument("--max-others", type=float, default=0.15, help="CPU share of other processes that counts as quiet")
     p.add_argument("--no-optimizer", action="store_true", help="skip the AdamW phase (fwd+bwd only)")
     p.add_argument("--variants", action="store_true",
                    help="run plain, channels-last, checkpointing and channels-last+checkpointing (plus --bf16 if given)")
@@ -361,8 +414,9 @@ def main(argv: list[str] | None = None) -> None:
             if r.get("profile"):
                 print_profile(r)
                 continue
-            print(f"  {r['config']} [{r['options']}] batch {r['batch']}: fwd+bwd {r['fwd_bwd_all_s']} s "
-                  f"(CPU {r['fwd_bwd_cpu_s']:.2f} s), "
+            print(f"  {r['config']} [{r['options']}] batch {r['batch']}: fwd+bwd "
+                  f"{', '.join(f'{w:.1f}' for w in r['fwd_bwd_all_s'])} s (others "
+                  f"{', '.join(f'{o:.0%}' for o in r['fwd_bwd_others_all'])}), "
                   f"train {r.get('train_s', float('nan')):.2f} s, peak {r['peak_fwd_bwd_GiB']:.2f} / "
                   f"{r.get('peak_train_GiB', float('nan')):.2f} GiB, load {r['load_before'][0]:.1f}->"
                   f"{r['load_after'][0]:.1f}", flush=True)
