@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -237,7 +237,7 @@ def _proc_status(key: str) -> int:
 def _reset_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, which getrusage's ru_maxrss reports
+            f.write("5")  # resets the process's RSS high-water mark (VmHWM)
         return True
     except OSError:
         return False
@@ -302,14 +302,12 @@ def measure_memory(case: Case, lib: str, cap_gib: float, batch: int, iters: int,
 
 
 def measure_time(case: Case, sides: list[str], warmup: int, iters: int, budget_s: float) -> dict[str, list[float]]:
-    import torch
-
     z = {lib: make_input(case, lib) for lib in sides}
     runs = {lib: step_fn(build_module(case, lib), lib, z[lib]) for lib in sides}
     times: dict[str, list[float]] = {lib: [] for lib in sides}
     # warm-up: at least one iteration per side; more only while they stay cheap next to the budget
     t_warm = time.perf_counter()
-    for i in range(max(warmup, 1)):
+    for _ in range(max(warmup, 1)):
         for lib in sides:
             runs[lib]()
         if time.perf_counter() - t_warm > budget_s / 4:
@@ -327,7 +325,6 @@ def measure_time(case: Case, sides: list[str], warmup: int, iters: int, budget_s
         if i >= 2 and spent > budget_s:
             break
     del runs, z
-    torch.set_grad_enabled(True)
     return times
 
 
@@ -435,8 +432,12 @@ def main() -> None:
     cases = [c.with_batch(batch) for c in cases]
 
     import torch
-    import vector_quantize_pytorch  # noqa: F401  (fail early if the peer is missing)
     from importlib.metadata import version
+
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError:
+        raise SystemExit("vector-quantize-pytorch is missing: pip install -r requirements/bench.txt") from None
 
     if args.threads:
         torch.set_num_threads(args.threads)
