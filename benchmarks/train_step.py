@@ -105,11 +105,16 @@ class StepClock:
 
     def __enter__(self) -> StepClock:
         self.t0, self.c0, self.b0 = time.perf_counter(), time.process_time(), machine_busy_seconds()
+        self.r0 = resource.getrusage(resource.RUSAGE_SELF)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.t0
         self.cpu = time.process_time() - self.c0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        # kernel time and page faults: large tensors are mmapped fresh by the allocator on every step
+        self.sys = r1.ru_stime - self.r0.ru_stime
+        self.minflt = r1.ru_minflt - self.r0.ru_minflt
         others = machine_busy_seconds() - self.b0 - self.cpu
         self.others_share = min(max(others / (self.wall * (os.cpu_count() or 1)), 0.0), 1.0)
 
@@ -204,7 +209,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # phase A: forward + losses + backward, no optimizer (comparable to the reference figure).
     # Per step: wall time, this process's CPU time and the other processes' share of the CPUs ("others"); on this
     # shared machine the step with the least interference ("best") is the estimate of the uncontended speed.
-    fwd, walls, cpus, others = [], [], [], []
+    fwd, walls, cpus, others, sys_s, faults = [], [], [], [], [], []
     waited = 0.0
     for i in range(args.warmup + args.steps):
         if i >= args.warmup and args.wait_quiet:
@@ -217,11 +222,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             walls.append(clock.wall)
             cpus.append(clock.cpu)
             others.append(clock.others_share)
+            sys_s.append(clock.sys)
+            faults.append(clock.minflt)
     peak_a = peak_rss_bytes()
     best = min(range(len(walls)), key=walls.__getitem__)
     out.update(
         fwd_s=mean(fwd), fwd_bwd_s=mean(walls), fwd_bwd_min_s=walls[best], fwd_bwd_min_others=others[best],
-        fwd_bwd_all_s=walls, fwd_bwd_cpu_all_s=cpus, fwd_bwd_others_all=others, others_mean=mean(others),
+        fwd_bwd_all_s=walls, fwd_bwd_cpu_all_s=cpus, fwd_bwd_sys_all_s=sys_s, fwd_bwd_minor_faults=faults, fwd_bwd_others_all=others, others_mean=mean(others),
         peak_fwd_bwd_GiB=peak_a / GIB, peak_fwd_bwd_increase_GiB=(peak_a - rss_before) / GIB, loss=loss,
     )
 
