@@ -252,7 +252,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     out = tmp_path / "out"
     run = write_run(tmp_path, data, out, steps=4)
     torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run)],
+    # device cpu explicitly: on a GPU machine the automatic choice would be CUDA with NCCL
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "device cpu x2" in res.stdout + res.stderr

@@ -398,6 +398,13 @@ class Engine:
     def _init_distributed(self) -> None:
         self.device.init_distributed()
         if self.device.torch_device.type == "cuda":
+            visible = torch.cuda.device_count()
+            if self.local_rank >= visible:
+                raise TrainingError(
+                    f"process with LOCAL_RANK={self.local_rank} has no GPU of its own: {visible} CUDA device(s) are "
+                    f"visible on this node. Start at most {visible} process(es) per node "
+                    f"(torchrun --nproc_per_node={visible}), or select another device ([device] use = \"cpu\")."
+                )
             torch.cuda.set_device(self.local_rank)
         torch.distributed.init_process_group(backend=self.device.dist_backend)
 
