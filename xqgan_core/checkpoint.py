@@ -163,7 +163,8 @@ def load_state(folder: Path) -> dict[str, Any]:
 def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, source: Path) -> None:
     """Load ``tensors`` into ``module``; a layout mismatch gets one error naming every mismatched part."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
+    optional = optional_state_keys(module)
+    missing = sorted(set(own) - set(tensors) - optional)
     unexpected = sorted(set(tensors) - set(own))
     shapes = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
     if missing or unexpected or shapes:
@@ -180,7 +181,17 @@ def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str,
             f"{source} does not match the run file's {what}: " + "; ".join(parts)
             + ". Was the run file's architecture changed since this checkpoint was written?"
         )
-    module.load_state_dict(tensors)
+    # strict=False only lets declared optional keys stay at their initial values; everything else was checked above
+    module.load_state_dict(tensors, strict=not (set(own) - set(tensors)))
+
+
+def optional_state_keys(module: nn.Module) -> set[str]:
+    """Full state_dict keys that ``module`` or any submodule declares in ``optional_state_keys``."""
+    keys = set()
+    for prefix, sub in module.named_modules():
+        for name in getattr(sub, "optional_state_keys", ()):
+            keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys
 
 
 def _summarise(keys: list[str]) -> str:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import at_least, between, config, non_empty, option, positive
-from .errors import ConfigError, XQGanError
+from .errors import ConfigError, ImageReadError, NoReadableImageError  # noqa: F401  (re-exported: raised here)
 from .interfaces import DataSource
 
 Box = tuple[float, float, float, float]
@@ -43,20 +43,6 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
 class BadImageWarning(UserWarning):
     """An image file could not be read and is skipped."""
-
-
-class ImageReadError(XQGanError):
-    """One image file could not be read. The message reads ``path: reason``."""
-
-    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
-        # A single positional message keeps it re-raisable by DataLoader worker error forwarding.
-        super().__init__(message)
-        self.path = path
-        self.reason = reason
-
-
-class NoReadableImageError(XQGanError):
-    """Every image of a dataset failed to load."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

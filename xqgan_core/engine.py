@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .devices import auto_device
-from .errors import ConfigError, XQGanError
+from .errors import ConfigError, TrainingError, XQGanError  # noqa: F401  (TrainingError re-exported)
 from .evaluation import evaluate, save_grid
 from .hooks import chain_step_wrappers, make_plugin_manager
 from .interfaces import Device
@@ -35,10 +35,6 @@ from .model import TokenizerModel
 from .optim import EMA, warmup_cosine
 from .perceptual import Perceptual, load_lpips
 from .registry import Registry
-
-
-class TrainingError(XQGanError):
-    """Training cannot continue (e.g. repeated non-finite losses); the last good checkpoint is intact."""
 
 
 class StepSampler(torch.utils.data.Sampler[list[int]]):

@@ -45,3 +45,21 @@ class PluginAPIError(PluginError):
 
 class CheckpointError(XQGanError):
     """A checkpoint is missing, unreadable, untrusted or does not match the run file."""
+
+
+class TrainingError(XQGanError):
+    """Training cannot continue (e.g. repeated non-finite losses); the last good checkpoint is intact."""
+
+
+class ImageReadError(XQGanError):
+    """One image file could not be read. The message reads ``path: reason``."""
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        # A single positional message keeps it re-raisable by DataLoader worker error forwarding.
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+class NoReadableImageError(XQGanError):
+    """Every image of a dataset failed to load."""

@@ -31,6 +31,10 @@ class Component:
     kind: ClassVar[str]
     Config: ClassVar[type]
     plugin_api: ClassVar[int]
+    #: state_dict keys (relative to this module) that checkpoints written by older versions may lack, e.g. a
+    #: statistics buffer added later. Loading such a checkpoint keeps their freshly initialised values instead of
+    #: failing. Never list state whose absence would change the model (weights, "initialised" flags).
+    optional_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()

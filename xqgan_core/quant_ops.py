@@ -100,12 +100,12 @@ def nearest_code(z_flat: Tensor, codebook: Tensor, chunk_size: int = 4096, *, no
         codes_t = codes.t()
         sq_norms = None if normalized else codes.pow(2).sum(dim=1)
         for start in range(0, tokens.shape[0], chunk_size):
-            scores = torch.mm(tokens[start : start + chunk_size], codes_t)
+            chunk = tokens[start : start + chunk_size]
             if sq_norms is None:
-                out[start : start + chunk_size] = scores.argmax(dim=1)
+                out[start : start + chunk_size] = torch.mm(chunk, codes_t).argmax(dim=1)
             else:
-                # in place: the (chunk, V) buffer is the only large allocation
-                out[start : start + chunk_size] = scores.mul_(-2).add_(sq_norms).argmin(dim=1)
+                # ||e||^2 - 2 z.e in one fused matmul: the (chunk, V) result is the only large allocation
+                out[start : start + chunk_size] = torch.addmm(sq_norms, chunk, codes_t, alpha=-2).argmin(dim=1)
     return out
 
 

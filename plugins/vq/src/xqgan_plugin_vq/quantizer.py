@@ -131,6 +131,8 @@ class VectorQuantizer(Quantizer):
     """``forward(z (B, dim, H, W)) -> QuantOut(z_q, indices (B, H, W) int64, losses, stats)``."""
 
     plugin_api = 1
+    # usage-window statistics: only the window utilization stat depends on them, so checkpoints without them load
+    optional_state_keys = ("last_hit", "train_batches")
 
     @config
     class Config:
