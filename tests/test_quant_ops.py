@@ -51,18 +51,24 @@ def test_nearest_normalized_is_argmax_cosine() -> None:
     assert torch.equal(got, torch.cdist(z, codebook).argmin(dim=1))
 
 
-def test_nearest_never_builds_the_full_distance_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("normalized", [False, True])
+def test_nearest_never_builds_the_full_distance_matrix(monkeypatch: pytest.MonkeyPatch, normalized: bool) -> None:
     shapes: list[tuple[int, ...]] = []
-    real_mm = torch.mm
 
-    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = real_mm(a, b)
-        shapes.append(tuple(out.shape))
-        return out
+    def spying(real):  # records the shape of every matrix product's result
+        def spy(*args: torch.Tensor, **kwargs: float) -> torch.Tensor:
+            out = real(*args, **kwargs)
+            shapes.append(tuple(out.shape))
+            return out
 
-    monkeypatch.setattr(torch, "mm", spy)
+        return spy
+
+    monkeypatch.setattr(torch, "mm", spying(torch.mm))
+    monkeypatch.setattr(torch, "addmm", spying(torch.addmm))
     z, codebook = _random(70, 33, 4, seed=3)
-    got = nearest_code(z, codebook, chunk_size=16)
+    if normalized:
+        z, codebook = F.normalize(z, dim=1), F.normalize(codebook, dim=1)
+    got = nearest_code(z, codebook, chunk_size=16, normalized=normalized)
     monkeypatch.undo()
     assert shapes == [(16, 33)] * 4 + [(6, 33)]
     assert torch.equal(got, torch.cdist(z, codebook).argmin(dim=1))

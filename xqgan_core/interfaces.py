@@ -107,6 +107,13 @@ class Quantizer(Component, nn.Module):
             return {"": torch.cat([i.flatten() for i in indices])}
         return {"": indices}
 
+    def codebook_rows(self) -> Tensor | None:
+        """The learned codebook as a ``(codebook_size, dim)`` tensor (with its gradient), or None when the codes are
+        fixed (lfq, bsq) or not stored as one table. Wrappers use it to add stored rows directly (VAR's raw
+        accumulation in msrq) and tools to inspect the codebook; row ``i`` is the code of index ``i`` before any
+        normalisation the forward pass applies."""
+        return None
+
     def codes_to_indices(self, z: Tensor) -> Indices:
         """Latents -> indices, without losses or statistics (inference path)."""
         with torch.no_grad():

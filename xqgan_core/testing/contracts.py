@@ -197,6 +197,15 @@ class QuantizerContract(ModuleContract):
         assert idx.dtype in (torch.int64, torch.int32)
         assert idx.min() >= 0 and idx.max() < m.codebook_size
 
+    def test_codebook_rows_match_the_codebook(self) -> None:
+        m = self.make()
+        rows = m.codebook_rows()
+        if rows is None:  # fixed codes (lfq, bsq) or several tables (rq, pq): nothing stored as one table
+            return
+        assert isinstance(rows, torch.Tensor) and tuple(rows.shape) == (m.codebook_size, m.dim)
+        # the live table, not a copy: wrappers that add rows directly must train it
+        assert any(rows is p or rows.data_ptr() == p.data_ptr() for p in m.parameters())
+
     def test_losses_are_finite_scalars(self) -> None:
         m = self.make().train()
         out = m(self.example_input(m).requires_grad_(True))  # as an encoder's output would

@@ -186,13 +186,12 @@ class MultiScaleResidualQuantizer(Quantizer):
     def _table(self) -> Tensor | None:
         """The nested quantizer's stored codebook rows ``(V, dim)`` when ``accumulate = "raw"`` applies, else None.
 
-        The vq plugin documents its table as ``embedding`` (``nn.Embedding``); a quantizer without one (lfq, bsq)
-        has fixed codes and is read through ``indices_to_codes``.
+        Read through ``Quantizer.codebook_rows()``; a quantizer without a stored table (lfq, bsq) has fixed codes
+        and is read through ``indices_to_codes``.
         """
-        table = getattr(self.code, "embedding", None)
-        if self.config.accumulate != "raw" or not isinstance(table, nn.Embedding):
+        weight = self.code.codebook_rows() if self.config.accumulate == "raw" else None
+        if weight is None:
             return None
-        weight = table.weight
         return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
     def _contribution(self, idx: Tensor, k: int, size: int, table: Tensor | None) -> Tensor:

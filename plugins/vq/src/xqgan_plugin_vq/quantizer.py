@@ -357,6 +357,9 @@ class VectorQuantizer(Quantizer):
         return stats
 
     # -- index <-> code ---------------------------------------------------------------------------------------
+    def codebook_rows(self) -> Tensor:
+        return self.embedding.weight
+
     def indices_to_codes(self, indices: Indices) -> Tensor:
         """``(B, H, W)`` indices -> ``(B, dim, H, W)`` codes (normalised rows when ``l2_norm``), in >= fp32."""
         if not isinstance(indices, Tensor) or indices.ndim != 3:
