@@ -283,3 +283,59 @@ def test_18_bits_forward_backward_peak_rss_growth_is_small() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     growth = int(result.stdout.strip().splitlines()[-1])
     assert growth < 256 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+# ---- codebook entropy over the global batch under torch.distributed ---------------------------------------------
+
+_ENTROPY_WORKER = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from xqgan_core import build
+    from xqgan_core.binary_codes import entropy_terms
+    rank, world, rendezvous, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    tokens = torch.randn(24, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64) * (1 + rank)
+    tokens.requires_grad_(True)
+    terms = entropy_terms(tokens, scale=1.0, temperature=1.0, group_size=3, across_ranks=True)
+    terms.codebook.backward()
+    # evaluation on one rank alone must not enter a collective (it would hang here)
+    lfq = build("quantizer", {"use": "lfq", "bits": 5}).eval()
+    if rank == 0:
+        lfq(torch.randn(1, 5, 2, 2))
+    train_stats = lfq.train()(tokens.detach().float().reshape(2, 3, 4, 5).permute(0, 3, 1, 2)).stats
+    dist.barrier()
+    torch.save({"codebook": terms.codebook.detach(), "grad": tokens.grad,
+                "stat": train_stats["codebook_entropy"]}, path)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_codebook_entropy_across_ranks_is_the_global_batch_entropy(tmp_path) -> None:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.fail("this torch build has no gloo backend for torch.distributed")
+    script = tmp_path / "worker.py"
+    script.write_text(_ENTROPY_WORKER)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "rdv"), str(tmp_path / f"{r}.pt")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r in range(2)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, output.decode()
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+
+    # the same computation in one process on the concatenated batch
+    parts = [torch.randn(24, 5, generator=torch.Generator().manual_seed(r), dtype=torch.float64) * (1 + r)
+             for r in range(2)]
+    full = torch.cat(parts).requires_grad_(True)
+    ref = entropy_terms(full, scale=1.0, temperature=1.0, group_size=3)
+    ref.codebook.backward()
+    local = entropy_terms(parts[0], scale=1.0, temperature=1.0, group_size=3).codebook
+    for r in range(2):
+        torch.testing.assert_close(got[r]["codebook"], ref.codebook.detach())
+        # DDP averages parameter gradients over the 2 ranks, so each rank's gradient is 2x the one-process one
+        torch.testing.assert_close(got[r]["grad"], 2 * full.grad[24 * r : 24 * (r + 1)])
+    assert not torch.isclose(local, ref.codebook)  # the check above is not satisfied by the local entropy
+    assert got[0]["stat"] == pytest.approx(got[1]["stat"])  # the module's training stat is the global one too

@@ -26,8 +26,10 @@ and the softmax over any group of bits' ``2^g`` sub-codes equals the marginal of
   batch-averaged distribution; ``g = 1`` is BSQ-ViT's per-bit approximation (and the XQ-GAN reference's "soft"
   entropy), ``g = n`` is exact. Memory: ``tokens x ceil(n/g) x 2^g`` floats.
 
-``entropy loss = sample_weight * H_sample - codebook_weight * H_codebook`` (nats, averaged over the local batch; no
-all-reduce): low per-sample entropy makes each token confident, high codebook entropy spreads tokens over the codes.
+``entropy loss = sample_weight * H_sample - codebook_weight * H_codebook`` (nats): low per-sample entropy makes each
+token confident, high codebook entropy spreads tokens over the codes. Under DDP the codebook term is taken over the
+global batch by default (``sync_codebook_entropy``; a per-rank batch of a few images sees too few tokens to judge
+how evenly 2^n codes are used), the per-sample term over the local tokens.
 
 ``BinaryQuantizer`` is the ``Quantizer`` both plugins subclass; they differ only in ``spherical``. Importing this
 module imports torch.
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import at_least, between, config, option, positive
+from .distributed import mean_over_ranks
 from .interfaces import Indices, QuantOut, Quantizer
 from .quant_ops import autocast_disabled, codebook_usage, flatten_tokens, straight_through
 
@@ -147,20 +150,27 @@ def bit_logits(z: Tensor, scale: float, temperature: float) -> Tensor:
     return z * (4.0 * scale / temperature)
 
 
-def _group_codebook_entropy(logits: Tensor) -> Tensor:
-    """``(N, G, g)`` bit logits -> sum over the G groups of the entropy of the token-averaged ``2^g`` joint."""
+def _group_codebook_entropy(logits: Tensor, across_ranks: bool = False) -> Tensor:
+    """``(N, G, g)`` bit logits -> sum over the G groups of the entropy of the token-averaged ``2^g`` joint
+    (averaged over the tokens of every rank with ``across_ranks``: a collective, see ``mean_over_ranks``)."""
     g = logits.shape[-1]
     signs = indices_to_signs(torch.arange(2**g, device=logits.device), g, dtype=logits.dtype)  # (2^g, g)
     # log p(c) = sum_i c_i a_i / 2 + const: the half-logit pairs +a/2 with bit 1 and -a/2 with bit 0
     probs = torch.softmax(torch.matmul(logits, signs.t()) * 0.5, dim=-1).mean(dim=0)  # (G, 2^g)
+    if across_ranks:
+        probs = mean_over_ranks(probs)
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum()
 
 
-def entropy_terms(z: Tensor, *, scale: float, temperature: float, group_size: int) -> EntropyTerms:
+def entropy_terms(
+    z: Tensor, *, scale: float, temperature: float, group_size: int, across_ranks: bool = False
+) -> EntropyTerms:
     """Per-sample and codebook entropy of the soft assignment of the tokens ``z (..., n)`` to ``{-scale, scale}^n``.
 
     Never builds a ``2^n`` axis: memory is ``tokens x ceil(n / group_size) x 2^min(group_size, n)``.
-    Runs in at least fp32. See the module docstring for the formulas.
+    Runs in at least fp32. See the module docstring for the formulas. ``across_ranks``: under torch.distributed the
+    codebook term uses the code distribution of the global batch (every rank must call this equally often and hold
+    the same number of tokens); the per-sample term is a per-token mean and needs no collective.
     """
     n = z.shape[-1]
     _check_bits(n)
@@ -175,9 +185,9 @@ def entropy_terms(z: Tensor, *, scale: float, temperature: float, group_size: in
 
     g = min(group_size, n)
     full = (n // g) * g
-    codebook = _group_codebook_entropy(a[:, :full].reshape(a.shape[0], n // g, g))
+    codebook = _group_codebook_entropy(a[:, :full].reshape(a.shape[0], n // g, g), across_ranks)
     if full < n:  # the remainder bits form one smaller group
-        codebook = codebook + _group_codebook_entropy(a[:, full:].unsqueeze(1))
+        codebook = codebook + _group_codebook_entropy(a[:, full:].unsqueeze(1), across_ranks)
     return EntropyTerms(sample=sample, codebook=codebook)
 
 
@@ -249,6 +259,11 @@ class BinaryQuantizerOptions:
         f"bits = exact; clamped to bits; at most {MAX_GROUP_SIZE} (memory tokens x bits/group_size x 2^group_size)",
         validator=between(1, MAX_GROUP_SIZE),
     )
+    sync_codebook_entropy: bool = option(
+        True,
+        help="under DDP (training only), take the codebook entropy of the code distribution averaged over all ranks, "
+        "as one process with the global batch would; false = each rank's local batch (one small all-reduce per step)",
+    )
     temperature: float = option(
         1.0,
         help="soft assignment p(c|z) = softmax(-||z - c||^2 / temperature); per bit p(1) = sigmoid(4 s z / "
@@ -293,7 +308,11 @@ class BinaryQuantizer(Quantizer):
             codes = sign_codes(z_f, self.code_scale)
             z_q = straight_through(z_f, codes)
             tokens = flatten_tokens(z_f)
-            terms = entropy_terms(tokens, scale=self.code_scale, temperature=c.temperature, group_size=c.group_size)
+            terms = entropy_terms(
+                tokens, scale=self.code_scale, temperature=c.temperature, group_size=c.group_size,
+                # only in training: evaluation may run on one rank alone, and a collective there would hang
+                across_ranks=c.sync_codebook_entropy and self.training,
+            )
             entropy = c.entropy_weight * (
                 c.sample_entropy_weight * terms.sample - c.codebook_entropy_weight * terms.codebook
             )

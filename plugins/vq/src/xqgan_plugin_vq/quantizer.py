@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xqgan_core import at_least, between, config, option, positive
+from xqgan_core.distributed import rank, world_size
 from xqgan_core.interfaces import Indices, QuantOut, Quantizer
 from xqgan_core.quant_ops import (
     autocast_disabled,
@@ -75,14 +76,6 @@ from xqgan_core.quant_ops import (
 )
 
 __all__ = ["VectorQuantizer", "kmeans"]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _world_size() > 1 else 0
 
 
 def _kmeans_pp_seeds(tokens: Tensor, num_codes: int) -> Tensor:
@@ -272,7 +265,7 @@ class VectorQuantizer(Quantizer):
         self._kmeans_tokens.append(tokens.clone())  # may be a view of the caller's latents
         gathered = sum(t.shape[0] for t in self._kmeans_tokens)
         ready = len(self._kmeans_tokens) >= c.kmeans_batches and gathered >= self.codebook_size
-        distributed = _world_size() > 1
+        distributed = world_size() > 1
         if distributed:  # rank 0 decides, so that every rank enters the broadcast below together
             flag = torch.tensor([int(ready)], device=tokens.device)
             dist.broadcast(flag, src=0)
@@ -281,7 +274,7 @@ class VectorQuantizer(Quantizer):
             return
         data = torch.cat(self._kmeans_tokens)
         self._kmeans_tokens.clear()
-        if _rank() == 0:
+        if rank() == 0:
             centres = kmeans(data, self.codebook_size, c.kmeans_init, spherical=c.l2_norm, chunk_size=c.chunk_size)
         else:
             centres = torch.empty(self.codebook_size, self.dim, dtype=data.dtype, device=data.device)
@@ -309,7 +302,7 @@ class VectorQuantizer(Quantizer):
             rows = tokens[torch.randperm(n, device=tokens.device)[:n_dead]]
         else:
             rows = tokens[torch.randint(n, (n_dead,), device=tokens.device)]
-        if _world_size() > 1:
+        if world_size() > 1:
             rows = rows.contiguous()
             dist.broadcast(rows, src=0)
         self.embedding.weight.data[dead] = rows.to(self.embedding.weight.dtype)  # untracked: see _kmeans_gather
@@ -327,7 +320,7 @@ class VectorQuantizer(Quantizer):
         sums = None
         if c.ema_update:
             sums = torch.zeros(k, self.dim, device=tokens.device).index_add_(0, idx, tokens.float())
-        world = _world_size()
+        world = world_size()
         if world > 1:  # one collective for counts and sums: every rank applies the same update
             packed = counts.unsqueeze(1) if sums is None else torch.cat([counts.unsqueeze(1), sums], dim=1)
             dist.all_reduce(packed)
