@@ -79,8 +79,6 @@ def measure(config: str, batch: int, variant: str, steps: int, warmup: int) -> d
         out[f"{phase}_min_s"] = min(times)
         out[f"{phase}_images_per_s"] = batch / med
         out[f"{phase}_peak_GiB"] = torch.cuda.max_memory_allocated() / GIB
-    del model, opt, images
-    torch.cuda.empty_cache()
     return out
 
 
@@ -105,6 +103,7 @@ def main() -> None:
     for batch in args.batch:
         for variant in args.variants:
             r = measure(args.config, batch, variant, args.steps, args.warmup)
+            torch.cuda.empty_cache()  # the finished variant's model and optimizer are garbage now
             results.append(r)
             print(f"| {r['config']} | {batch} | {variant} | {r['fwd_bwd_median_s']:.4f} ({r['fwd_bwd_images_per_s']:.1f})"
                   f" | {r['train_median_s']:.4f} ({r['train_images_per_s']:.1f}) | {r['train_peak_GiB']:.2f} |",

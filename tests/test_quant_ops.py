@@ -180,3 +180,19 @@ def test_commitment_losses_are_fp32_for_bf16_inputs() -> None:
     assert losses["codebook"].item() == 1.0
     assert losses["commitment"].item() == 0.5
 
+
+
+def test_auto_chunk_size_keeps_the_score_block_within_the_device_budget() -> None:
+    from xqgan_core.quant_ops import ACCELERATOR_SCORE_BYTES, CPU_SCORE_BYTES, auto_chunk_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # only the type is read: no GPU needed
+    assert auto_chunk_size(16384, cpu) == 128 and 128 * 16384 * 4 == CPU_SCORE_BYTES
+    assert auto_chunk_size(512, cpu) == 4096
+    assert auto_chunk_size(16384, gpu) * 16384 * 4 == ACCELERATOR_SCORE_BYTES
+    assert auto_chunk_size(2**30, cpu) == 16  # a floor, so huge codebooks still make progress
+
+
+def test_nearest_with_automatic_chunks_equals_brute_force() -> None:
+    z, codebook = _random(300, 5000, 6, seed=4)  # 5000 codes -> 419 rows per block on CPU: a partial last block
+    got = nearest_code(z, codebook)
+    assert torch.equal(got, torch.cdist(z.double(), codebook.double()).argmin(dim=1))

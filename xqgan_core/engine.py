@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .devices import auto_device
-from .errors import ConfigError, TrainingError, XQGanError  # noqa: F401  (TrainingError re-exported)
+from .errors import ConfigError, TrainingError
 from .evaluation import evaluate, save_grid
 from .hooks import chain_step_wrappers, make_plugin_manager
 from .interfaces import Device

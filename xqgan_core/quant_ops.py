@@ -79,10 +79,26 @@ def unflatten_tokens(flat: Tensor, spatial: tuple[int, int, int] | torch.Size) -
     return flat.reshape(b, h, w, flat.shape[1]).permute(0, 3, 1, 2)
 
 
-def nearest_code(z_flat: Tensor, codebook: Tensor, chunk_size: int = 4096, *, normalized: bool = False) -> Tensor:
+#: score-block budgets for ``auto_chunk_size``. On CPU a block that stays in the last-level cache is ~2.8x faster
+#: than one that streams through memory (16k codes, 2 cores: 60 ms at 256 rows = 16 MiB, 170 ms at 512+ rows);
+#: accelerators want few, large launches instead.
+CPU_SCORE_BYTES = 8 * 2**20
+ACCELERATOR_SCORE_BYTES = 2**30
+
+
+def auto_chunk_size(codebook_size: int, device: torch.device) -> int:
+    """Tokens per score block for ``nearest_code``: the block ``rows x codebook_size`` fp32 fits the device budget."""
+    budget = CPU_SCORE_BYTES if device.type == "cpu" else ACCELERATOR_SCORE_BYTES
+    return max(16, budget // (4 * codebook_size))
+
+
+def nearest_code(
+    z_flat: Tensor, codebook: Tensor, chunk_size: int | None = None, *, normalized: bool = False
+) -> Tensor:
     """Index of the codebook row nearest (squared L2) to each row of ``z_flat``: ``(N, C), (V, C) -> (N,)`` int64.
 
-    Tokens are scored ``chunk_size`` at a time, so at most a ``chunk_size x V`` score matrix exists at any moment.
+    Tokens are scored ``chunk_size`` at a time (None: ``auto_chunk_size``), so at most a ``chunk_size x V`` score
+    matrix exists at any moment.
     ``||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2`` and ``||z||^2`` does not change the argmin, so each chunk needs one
     matmul. With ``normalized=True`` (both sides already l2-normalised) ``||e||^2`` is 1 for every row and the
     search is the argmax of the dot product (cosine), which skips adding a rounding-noisy constant.
@@ -90,6 +106,8 @@ def nearest_code(z_flat: Tensor, codebook: Tensor, chunk_size: int = 4096, *, no
     """
     if z_flat.ndim != 2 or codebook.ndim != 2 or z_flat.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected (N, C) tokens and a (V, C) codebook, got {tuple(z_flat.shape)} and {tuple(codebook.shape)}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(codebook.shape[0], z_flat.device)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     dtype = torch.promote_types(torch.promote_types(z_flat.dtype, codebook.dtype), torch.float32)

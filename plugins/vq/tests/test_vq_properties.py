@@ -29,7 +29,7 @@ def set_codebook(vq: Any, rows: list[list[float]]) -> None:
 def test_defaults_and_codebook_storage() -> None:
     vq = build("quantizer", {"use": "vq"})
     assert (vq.codebook_size, vq.dim) == (4096, 8)
-    assert vq.config.beta == 0.25 and vq.config.l2_norm is True and vq.config.chunk_size == 4096
+    assert vq.config.beta == 0.25 and vq.config.l2_norm is True and vq.config.chunk_size == 0  # 0 = automatic block size
     assert isinstance(vq.embedding, torch.nn.Embedding)
     # all codebook-health options are off: only the window-usage buffers join the codebook
     assert sorted(vq.state_dict()) == ["embedding.weight", "last_hit", "train_batches"]
