@@ -189,6 +189,26 @@ class _Payload:
         return (os.system, (f"touch {os.environ['XQGAN_TEST_MARKER']}",))
 
 
+def test_rerunning_a_finished_run_reports_its_metrics_without_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=2)
+    first = Engine(Registry.from_toml(run)).fit()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    again = Engine(Registry.from_toml(run)).fit()
+    assert again == pytest.approx(first)  # from summary.json: no training, no new evaluation
+    assert (out / "metrics.jsonl").read_text().splitlines() == lines
+    text = "".join(capsys.readouterr())
+    assert "run already complete at step 2" in text and "PSNR (dB)" in text
+    # killed between the last checkpoint and its evaluation: the rerun evaluates instead
+    (out / "summary.json").unlink()
+    redone = Engine(Registry.from_toml(run)).fit()
+    assert redone["psnr"] == pytest.approx(first["psnr"], rel=1e-5)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(lines) + 1
+
+
 def test_crafted_checkpoint_is_refused_and_not_executed(tmp_path, monkeypatch):
     data = tmp_path / "data"
     make_images(data)

@@ -156,6 +156,7 @@ class Engine:
         consecutive_bad = 0
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.run.name, disable=not self.is_main, dynamic_ncols=True)
         images_per_step = t.batch_size * t.grad_accum * self.world
+        started_at = self.step
         try:
             while self.step < t.steps:
                 micro = [next(batches)["image"].to(dev, non_blocking=True) for _ in range(t.grad_accum)]
@@ -191,6 +192,11 @@ class Engine:
                     self._save()
                 if self.step % t.eval_every == 0 or last:
                     final_metrics = self._evaluate(eval_set, bar)
+            if started_at >= t.steps:
+                bar.write(f"run already complete at step {self.step} (train.steps = {t.steps}): nothing left to train; "
+                          "raise train.steps to continue it")
+            if not final_metrics:  # complete before this call, or the last step was skipped or its evaluation lost
+                final_metrics = self._completed_metrics() or self._evaluate(eval_set, bar)
         finally:
             bar.close()
             self.log.close()
@@ -318,6 +324,17 @@ class Engine:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "images")
         bar.write(f"eval @ step {self.step}: {shown}")
         return metrics
+
+    def _completed_metrics(self) -> dict[str, float]:
+        """The held-out metrics ``summary.json`` recorded for the current step, if a finished run left them."""
+        path = self.out_dir / "summary.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict) or saved.get("step") != self.step:
+            return {}
+        return {k: float(v) for k, v in saved.items() if k != "step" and isinstance(v, (int, float))}
 
     # ------------------------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
