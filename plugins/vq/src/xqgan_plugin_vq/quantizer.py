@@ -236,7 +236,7 @@ class VectorQuantizer(Quantizer):
             codebook = self.codebook()
             if self.config.ema_update:
                 codebook = codebook.detach()  # learned by EMA only; also keeps the in-place update below safe
-            idx = nearest_code(flat, codebook, self.config.chunk_size or None, normalized=self.config.l2_norm)
+            idx = self._nearest(flat, codebook)
             z_f = unflatten_tokens(flat, (b, h, w))
             codes = unflatten_tokens(codebook[idx], (b, h, w))  # carries the gradient to the codebook
             losses = commitment_losses(z_f, codes, self.config.beta)
@@ -350,6 +350,10 @@ class VectorQuantizer(Quantizer):
             stats["dead_codes"] = float(k - used)
         return stats
 
+    def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:
+        """Nearest-code search with this quantizer's metric and block size (chunk_size 0 = automatic)."""
+        return nearest_code(flat, codebook, self.config.chunk_size or None, normalized=self.config.l2_norm)
+
     # -- index <-> code ---------------------------------------------------------------------------------------
     def codebook_rows(self) -> Tensor:
         return self.embedding.weight
@@ -364,7 +368,7 @@ class VectorQuantizer(Quantizer):
         """Nearest-code lookup only: no losses, no statistics, and no codebook updates even in training mode."""
         with torch.no_grad(), autocast_disabled(z.device):
             flat = self._tokens(z)
-            idx = nearest_code(flat, self.codebook(), self.config.chunk_size or None, normalized=self.config.l2_norm)
+            idx = self._nearest(flat, self.codebook())
         return idx.view(z.shape[0], z.shape[2], z.shape[3])
 
     def extra_repr(self) -> str:
