@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -288,6 +289,74 @@ HIERARCHIES = {
                    'use = "lfq"\nbits = 4'),
     "msrq-bsq": 'use = "msrq"\nscales = [1, 2, 4, 8]\nphi_count = 2\n[quantizer.code]\nuse = "bsq"\nbits = 8',
 }
+
+
+_NAN_ON_ONE_RANK = """
+import sys
+from xqgan_core import Registry
+from xqgan_core.engine import Engine
+
+original = Engine._generator_terms
+
+
+def nan_on_rank_1(self, *args, **kwargs):
+    recon, stats, terms = original(self, *args, **kwargs)
+    if self.rank == 1 and self.step == 1:  # the second step, on one rank only
+        terms["rec"] = terms["rec"] * float("nan")
+    return recon, stats, terms
+
+
+Engine._generator_terms = nan_on_rank_1
+Engine(Registry.from_toml(sys.argv[1], overrides=["device.use=cpu"])).fit()
+"""
+
+
+def test_ddp_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Without a shared skip decision, the NaN rank would skip its backward and leave the other one waiting forever
+    in DDP's gradient all-reduce."""
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=4)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_ONE_RANK)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", str(script), str(run)],
+                         capture_output=True, text=True, timeout=300)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text
+    assert "step 2: non-finite loss, step skipped" in text  # reported by rank 0, whose own loss was finite
+    assert latest_checkpoint(out).name == "step-00000004"
+    assert [r["step"] for r in records(out, "train")][-1] == 4
+
+
+def test_gradient_accumulation_all_reduces_only_on_the_last_micro_batch(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_images(data)
+    entered = []
+
+    class FakeDDP(torch.nn.Module):  # what DistributedDataParallel offers the engine: forward and no_sync()
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+        def forward(self, x):
+            return self.module(x)
+
+        def no_sync(self):
+            entered.append(self.module)
+            return contextlib.nullcontext()
+
+    original = Engine._train_step
+
+    def with_fake_ddp(self, micro):
+        if not isinstance(self.train_model, FakeDDP):
+            self.train_model = FakeDDP(self.model)
+        return original(self, micro)
+
+    monkeypatch.setattr(Engine, "_train_step", with_fake_ddp)
+    Engine(Registry.from_toml(write_run(tmp_path, data, tmp_path / "out", steps=2, grad_accum=3))).fit()
+    assert len(entered) == 4  # per step, micro-batches 1 and 2 skip the all-reduce; the last one does it
 
 
 @pytest.mark.parametrize("name", sorted(HIERARCHIES))

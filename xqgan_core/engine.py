@@ -7,6 +7,7 @@ Components never reach into the engine; plugins extend it through the lifecycle 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -209,48 +210,39 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------------
     def _train_step(self, micro: list[Tensor]) -> dict[str, float] | None:
-        """One optimizer step of the tokenizer (and of the discriminators once they are on)."""
+        """One optimizer step of the tokenizer (and of the discriminators once they are on).
+
+        Every rank runs every backward pass, even after a non-finite loss, and the decision to skip the step is
+        taken from values all ranks share (all-reduced), so a NaN on one rank cannot leave the others waiting in a
+        collective. Values are gathered as tensors and read back once per step: each ``.item()`` would stall an
+        accelerator's queue.
+        """
         cfg, lw = self.cfg, self.cfg.loss
         accum = len(micro)
         disc_on = len(self.discs) > 0 and self.step >= lw.disc_start
         self.gen_opt.zero_grad(set_to_none=True)
         self.discs.requires_grad_(False)  # the generator pass must not fill the discriminators' grads
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
         fakes = []
-        for x in micro:
-            with self.device.autocast(self.autocast_dtype):
-                recon, quant = self.train_model(x)
-            recon = recon.float()
-            rec = lw.l2 * F.mse_loss(recon, x) + (lw.l1 * F.l1_loss(recon, x) if lw.l1 > 0 else 0.0)
-            terms: dict[str, Tensor] = {"rec": rec}
-            if self.perceptual is not None and lw.perceptual > 0:
-                terms["perceptual"] = lw.perceptual * self.perceptual(recon, x).mean()
-            nll = sum(terms.values())
-            for name, value in quant.losses.items():
-                terms[f"q/{name}"] = lw.quantizer * value.float()
-            if len(self.aligners) and lw.alignment > 0:
-                terms["align"] = lw.alignment * sum(a(x, quant) for a in self.aligners)
-            if disc_on and lw.adversarial > 0:
-                with self.device.autocast(self.autocast_dtype):
-                    adv = sum(generator_loss(lw.disc_loss, d(recon).float()) for d in self.discs)
-                weight = (adaptive_weight(nll, adv, self.model.decoder.last_layer, lw.adaptive_max)
-                          if lw.adaptive_weight else torch.ones((), device=x.device))
-                terms["adv"] = lw.adversarial * weight * adv
-                sums["adv_weight"] = sums.get("adv_weight", 0.0) + weight.item() / accum
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                self.gen_opt.zero_grad(set_to_none=True)
-                return None
-            self.scaler.scale(loss / accum).backward()
+        for i, x in enumerate(micro):
+            # DDP all-reduces gradients in backward: only the last micro-batch of an accumulated step needs it
+            sync = i == accum - 1 or not hasattr(self.train_model, "no_sync")
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                recon, quant_stats, terms = self._generator_terms(x, disc_on, sums, accum)
+                loss = sum(terms.values())
+                self.scaler.scale(loss / accum).backward()
             for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / accum
-            for name, value in quant.stats.items():
-                sums[f"q/{name}"] = sums.get(f"q/{name}", 0.0) + float(value) / accum
+                _accumulate(sums, name, value.detach().float() / accum)
+            for name, value in quant_stats.items():
+                stats[f"q/{name}"] = stats.get(f"q/{name}", 0.0) + float(value) / accum
             if disc_on:
                 fakes.append((x, recon.detach()))
         self.scaler.unscale_(self.gen_opt)
-        grad_norm = _clip(self.model.parameters(), cfg.train.grad_clip)
-        if not math.isfinite(grad_norm):
+        # the same on every rank (DDP all-reduced the gradients)
+        sums["grad_norm"] = _clip(self.model.parameters(), cfg.train.grad_clip)
+        values = _read_back(sums, distributed=self.world > 1)  # the step's one host sync
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             self.gen_opt.zero_grad(set_to_none=True)
             self.scaler.update()
             return None
@@ -259,11 +251,38 @@ class Engine:
         self.gen_sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        sums["grad_norm"] = grad_norm
-        sums["lr"] = self.gen_sched.get_last_lr()[0]
+        values.update(stats)
+        values["lr"] = self.gen_sched.get_last_lr()[0]
         if disc_on:
-            sums.update(self._disc_step(fakes))
-        return sums
+            values.update(self._disc_step(fakes))
+        return values
+
+    def _generator_terms(
+        self, x: Tensor, disc_on: bool, sums: dict[str, Tensor], accum: int
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        """Reconstruction, quantizer stats and weighted loss terms (``rec``, ``perceptual``, ``q/*``, ``align``,
+        ``adv``) of one micro-batch; the adaptive weight is added to ``sums``."""
+        lw = self.cfg.loss
+        with self.device.autocast(self.autocast_dtype):
+            recon, quant = self.train_model(x)
+        recon = recon.float()
+        rec = lw.l2 * F.mse_loss(recon, x) + (lw.l1 * F.l1_loss(recon, x) if lw.l1 > 0 else 0.0)
+        terms: dict[str, Tensor] = {"rec": rec}
+        if self.perceptual is not None and lw.perceptual > 0:
+            terms["perceptual"] = lw.perceptual * self.perceptual(recon, x).mean()
+        nll = sum(terms.values())
+        for name, value in quant.losses.items():
+            terms[f"q/{name}"] = lw.quantizer * value.float()
+        if len(self.aligners) and lw.alignment > 0:
+            terms["align"] = lw.alignment * sum(a(x, quant) for a in self.aligners)
+        if disc_on and lw.adversarial > 0:
+            with self.device.autocast(self.autocast_dtype):
+                adv = sum(generator_loss(lw.disc_loss, d(recon).float()) for d in self.discs)
+            weight = (adaptive_weight(nll, adv, self.model.decoder.last_layer, lw.adaptive_max)
+                      if lw.adaptive_weight else torch.ones((), device=x.device))
+            terms["adv"] = lw.adversarial * weight * adv
+            _accumulate(sums, "adv_weight", weight.detach().float() / accum)
+        return recon, quant.stats, terms
 
     def _disc_step(self, fakes: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         lw = self.cfg.loss
@@ -271,7 +290,7 @@ class Engine:
         for group in self.disc_opt.param_groups:  # same warm-up + cosine shape, on the global step
             group["lr"] = self.cfg.train.disc_lr * self.lr_factor(self.step)
         self.disc_opt.zero_grad(set_to_none=True)
-        total, lecam_total = 0.0, 0.0
+        sums: dict[str, Tensor] = {}
         for x, fake in fakes:
             loss = x.new_zeros(())
             with self.device.autocast(self.autocast_dtype):
@@ -281,17 +300,19 @@ class Engine:
                     if lw.lecam > 0:
                         reg = self.lecam(real_logits, fake_logits)
                         loss = loss + lw.lecam * reg
-                        lecam_total += reg.item() / len(fakes)
-            if not torch.isfinite(loss):
-                self.disc_opt.zero_grad(set_to_none=True)
-                return {"d_skipped": 1.0}
-            (loss / len(fakes)).backward()
-            total += loss.item() / len(fakes)
+                        _accumulate(sums, "d_lecam", reg.detach().float() / len(fakes))
+            (loss / len(fakes)).backward()  # on every rank: the gradient all-reduce below is a collective
+            _accumulate(sums, "d_loss", loss.detach().float() / len(fakes))
         if self.world > 1:  # discriminators are not DDP-wrapped (two forward passes per step): average by hand
             _all_reduce_mean_grads(self.discs.parameters(), self.world)
-        _clip(self.discs.parameters(), self.cfg.train.grad_clip)
+        sums["d_grad_norm"] = _clip(self.discs.parameters(), self.cfg.train.grad_clip)
+        values = _read_back(sums, distributed=self.world > 1)
+        if not (math.isfinite(values["d_loss"]) and math.isfinite(values["d_grad_norm"])):
+            self.disc_opt.zero_grad(set_to_none=True)
+            return {"d_skipped": 1.0}
         self.disc_opt.step()
-        return {"d_loss": total, "d_lecam": lecam_total}
+        values.setdefault("d_lecam", 0.0)
+        return values
 
     # ------------------------------------------------------------------------------------------------------------
     def _perceptual(self, dev: torch.device) -> Perceptual | None:
@@ -509,13 +530,31 @@ class _RunLog:
             self.tb.close()
 
 
-def _clip(params: Any, max_norm: float) -> float:
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    sums[name] = sums[name] + value if name in sums else value
+
+
+def _read_back(sums: dict[str, Tensor], distributed: bool) -> dict[str, float]:
+    """Tensors -> Python floats in one device-to-host copy. Under torch.distributed a value that is not finite on
+    any rank is made non-finite on every rank, so that all ranks take the same skip decision."""
+    names = list(sums)
+    device = next(iter(sums.values())).device
+    packed = torch.stack([sums[n].reshape(()).to(device) for n in names])
+    if distributed:
+        bad = (~torch.isfinite(packed)).float()
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        packed = torch.where(bad > 0, torch.full_like(packed, float("nan")), packed)
+    return dict(zip(names, packed.tolist()))
+
+
+def _clip(params: Any, max_norm: float) -> Tensor:
+    """Clip to ``max_norm`` (when > 0) and return the total gradient norm before clipping, as a 0-d tensor."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).float()
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
 
 
 def _all_reduce_mean_grads(params: Any, world: int) -> None:
