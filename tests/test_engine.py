@@ -185,6 +185,57 @@ def test_kill_9_then_same_command_resumes(tmp_path):
     assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * factor(killed_at + 3))
 
 
+def _stop_with_signal(cmd: list[str], out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start a training command, send ``sig`` once a few steps are logged, return how it ended."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(records(out, "train")) >= 3:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("training did not start")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_the_current_step_and_the_same_command_resumes(tmp_path, sig):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=400, checkpoint_every=1000, eval_every=1000, log_every=1)
+    res = _stop_with_signal(CLI + [str(run)], out, sig)
+    assert res.returncode == 128 + sig, res.stderr
+    stopped_at = max(r["step"] for r in records(out, "train"))
+    assert f"stopped by {signal.Signals(sig).name} at step {stopped_at}" in res.stderr
+    assert latest_checkpoint(out).name == f"step-{stopped_at:08d}"  # nothing lost despite checkpoint_every=1000
+    res = subprocess.run(CLI + [str(run), "--set", f"train.steps={stopped_at + 2}"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"(step {stopped_at})" in res.stdout + res.stderr
+    assert [r["step"] for r in records(out, "train")][-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    run = write_run(tmp_path, data, out, steps=400, checkpoint_every=1000, eval_every=1000, log_every=1)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"]
+    res = _stop_with_signal(cmd, out, signal.SIGTERM)  # torchrun passes it on to both ranks
+    assert res.returncode != 0
+    stopped_at = max(r["step"] for r in records(out, "train"))
+    assert f"stopped by SIGTERM at step {stopped_at}" in res.stderr
+    assert latest_checkpoint(out).name == f"step-{stopped_at:08d}"
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['XQGAN_TEST_MARKER']}",))

@@ -20,6 +20,7 @@ from .errors import (
     PluginError,
     PluginLoadError,
     PluginNotFoundError,
+    RunInterrupted,
     TrainingError,
     XQGanError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "PluginLoadError",
     "PluginNotFoundError",
     "Registry",
+    "RunInterrupted",
     "TrainingError",
     "XQGanError",
     "at_least",

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import ConfigError, PluginError, XQGanError
+from .errors import ConfigError, PluginError, RunInterrupted, XQGanError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:
         print(f"xqgan-run: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as exc:
+        print(f"xqgan-run: {exc}", file=sys.stderr)
+        return 128 + exc.signum  # the shell's convention for "ended by this signal"
     except XQGanError as exc:
         print(f"xqgan-run: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

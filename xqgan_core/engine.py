@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .devices import auto_device
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, RunInterrupted, TrainingError
 from .evaluation import evaluate, save_grid
 from .hooks import chain_step_wrappers, make_plugin_manager
 from .interfaces import Device
@@ -36,6 +37,7 @@ from .model import TokenizerModel
 from .optim import EMA, warmup_cosine
 from .perceptual import Perceptual, load_lpips
 from .registry import Registry
+from .stopping import StopSignals
 
 
 class StepSampler(torch.utils.data.Sampler[list[int]]):
@@ -158,49 +160,52 @@ class Engine:
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.run.name, disable=not self.is_main, dynamic_ncols=True)
         images_per_step = t.batch_size * t.grad_accum * self.world
         started_at = self.step
-        try:
-            while self.step < t.steps:
-                micro = [next(batches)["image"].to(dev, non_blocking=True) for _ in range(t.grad_accum)]
-                if t.channels_last:
-                    micro = [x.contiguous(memory_format=torch.channels_last) for x in micro]
-                start = time.perf_counter()
-                metrics = step_fn(micro)
-                self.device.step_end()
-                elapsed = time.perf_counter() - start
-                self.step += 1
-                if metrics is None:  # non-finite loss: the step was skipped
-                    consecutive_bad += 1
-                    self.bad_steps_total += 1
-                    bar.write(f"step {self.step}: non-finite loss, step skipped ({consecutive_bad} in a row)")
-                    if consecutive_bad >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"{consecutive_bad} consecutive steps had a NaN/inf loss (train.max_bad_steps = "
-                            f"{t.max_bad_steps}); stopping. The last good checkpoint in {ckpt.checkpoint_root(self.out_dir)} "
-                            "is intact: lower train.lr, check the data, or raise train.grad_clip's strictness."
-                        )
-                    continue
-                consecutive_bad = 0
-                self.train_seconds += elapsed
-                metrics["images_per_s"] = images_per_step / max(elapsed, 1e-9)
-                self.pm.hook.xqgan_step_end(step=self.step, metrics=metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}",
-                                img_s=f"{metrics['images_per_s']:.1f}", refresh=False)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    self.log.scalars(self.step, "train", metrics)
-                last = self.step == t.steps
-                if self.step % t.checkpoint_every == 0 or last:
-                    self._save()
-                if self.step % t.eval_every == 0 or last:
-                    final_metrics = self._evaluate(eval_set, bar)
-            if started_at >= t.steps:
-                bar.write(f"run already complete at step {self.step} (train.steps = {t.steps}): nothing left to train; "
-                          "raise train.steps to continue it")
-            if not final_metrics:  # complete before this call, or the last step was skipped or its evaluation lost
-                final_metrics = self._completed_metrics() or self._evaluate(eval_set, bar)
-        finally:
-            bar.close()
-            self.log.close()
+        with StopSignals() as stop:
+            try:
+                while self.step < t.steps:
+                    if (signum := stop.agreed(self.world, dev)) is not None:
+                        self._stop_on_signal(signum)
+                    micro = [next(batches)["image"].to(dev, non_blocking=True) for _ in range(t.grad_accum)]
+                    if t.channels_last:
+                        micro = [x.contiguous(memory_format=torch.channels_last) for x in micro]
+                    start = time.perf_counter()
+                    metrics = step_fn(micro)
+                    self.device.step_end()
+                    elapsed = time.perf_counter() - start
+                    self.step += 1
+                    if metrics is None:  # non-finite loss: the step was skipped
+                        consecutive_bad += 1
+                        self.bad_steps_total += 1
+                        bar.write(f"step {self.step}: non-finite loss, step skipped ({consecutive_bad} in a row)")
+                        if consecutive_bad >= t.max_bad_steps:
+                            raise TrainingError(
+                                f"{consecutive_bad} consecutive steps had a NaN/inf loss (train.max_bad_steps = "
+                                f"{t.max_bad_steps}); stopping. The last good checkpoint in {ckpt.checkpoint_root(self.out_dir)} "
+                                "is intact: lower train.lr, check the data, or raise train.grad_clip's strictness."
+                            )
+                        continue
+                    consecutive_bad = 0
+                    self.train_seconds += elapsed
+                    metrics["images_per_s"] = images_per_step / max(elapsed, 1e-9)
+                    self.pm.hook.xqgan_step_end(step=self.step, metrics=metrics)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}",
+                                    img_s=f"{metrics['images_per_s']:.1f}", refresh=False)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        self.log.scalars(self.step, "train", metrics)
+                    last = self.step == t.steps
+                    if self.step % t.checkpoint_every == 0 or last:
+                        self._save()
+                    if self.step % t.eval_every == 0 or last:
+                        final_metrics = self._evaluate(eval_set, bar)
+                if started_at >= t.steps:
+                    bar.write(f"run already complete at step {self.step} (train.steps = {t.steps}): nothing left to train; "
+                              "raise train.steps to continue it")
+                if not final_metrics:  # complete before this call, or the last step was skipped or its evaluation lost
+                    final_metrics = self._completed_metrics() or self._evaluate(eval_set, bar)
+            finally:
+                bar.close()
+                self.log.close()
         problems = list(data.problems())
         if self.is_main:
             self._summary(final_metrics, problems)
@@ -345,6 +350,18 @@ class Engine:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "images")
         bar.write(f"eval @ step {self.step}: {shown}")
         return metrics
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """Save a checkpoint at the current step (unless the last step just wrote one) and stop the run."""
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        if latest is None or latest.name != f"step-{self.step:08d}":
+            self._save()
+        name = signal.Signals(signum).name
+        message = (f"stopped by {name} at step {self.step}; checkpoint {ckpt.latest_checkpoint(self.out_dir)} holds "
+                   "this step: rerun the same command to resume")
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        raise RunInterrupted(message, signum)
 
     def _completed_metrics(self) -> dict[str, float]:
         """The held-out metrics ``summary.json`` recorded for the current step, if a finished run left them."""

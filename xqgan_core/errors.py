@@ -63,3 +63,14 @@ class ImageReadError(XQGanError):
 
 class NoReadableImageError(XQGanError):
     """Every image of a dataset failed to load."""
+
+
+class RunInterrupted(XQGanError):
+    """Training stopped on a signal (SIGTERM from a scheduler, Ctrl-C) after saving a checkpoint at the current step.
+
+    ``signum`` is the signal; the CLI exits with ``128 + signum``, the shell convention for "killed by signal".
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
