@@ -41,7 +41,11 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", help="Autocast dtype: auto = bf16 on CUDA/HPU, fp32 on CPU."
     )
-    channels_last: bool = option(False, help="Use channels-last memory format for conv backbones.")
+    channels_last: bool = option(
+        False,
+        help="channels-last memory format for conv backbones (measure first: slower for the GroupNorm CNN on an H200 "
+        "and on our CPU; see benchmarks/README.md)",
+    )
     checkpoint_every: int = option(200, help="Write a checkpoint every N optimizer steps (and at the end).", validator=positive())
     keep_checkpoints: int = option(2, help="How many step checkpoints to keep (the newest ones).", validator=positive())
     eval_every: int = option(500, help="Evaluate on the held-out split every N steps (and at the end).", validator=positive())
