@@ -185,6 +185,33 @@ def load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str,
     module.load_state_dict(tensors, strict=not (set(own) - set(tensors)))
 
 
+def load_tokenizer_weights(model: nn.Module, path: str | Path, use_ema: bool = True) -> Path:
+    """Load a checkpoint's tokenizer weights into ``model`` (encoder/quantizer/decoder, as laid out by the run file
+    that built it); returns the weights file used. ``path``: a checkpoint folder, a file in it, or a run's out_dir
+    (its latest checkpoint). ``use_ema`` prefers ``ema.safetensors`` when the run kept an EMA."""
+    folder = resolve_checkpoint(path)
+    weights = folder / EMA
+    if not (use_ema and weights.is_file()):
+        weights = folder / MODEL
+    what = "tokenizer (encoder/quantizer/decoder)" + (" EMA weights" if weights.name == EMA else "")
+    tensors = load_tensors(weights)
+    own = model.state_dict()
+    # the EMA shadow is kept in fp32; cast each entry back to the module's dtype before loading
+    tensors = {k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}
+    load_into(model, tensors, what, weights)
+    return weights
+
+
+def load_discriminator_weights(discriminators: nn.Module, path: str | Path) -> Path | None:
+    """Load a checkpoint's discriminator weights into ``discriminators`` (an ``nn.ModuleList`` laid out as in the
+    run that wrote it); None if that checkpoint holds none."""
+    weights = resolve_checkpoint(path) / DISC
+    if not weights.is_file():
+        return None
+    load_into(discriminators, load_tensors(weights), "discriminators", weights)
+    return weights
+
+
 def optional_state_keys(module: nn.Module) -> set[str]:
     """Full state_dict keys that ``module`` or any submodule declares in ``optional_state_keys``."""
     keys = set()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .devices import auto_device
-from .errors import ConfigError, RunInterrupted, TrainingError
+from .errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from .evaluation import evaluate, save_grid
 from .hooks import chain_step_wrappers, make_plugin_manager
 from .interfaces import Device
@@ -108,9 +108,10 @@ class Engine:
 
         dev = self.device.torch_device
         model = TokenizerModel(cfg.encoder.build(), cfg.quantizer.build(), cfg.decoder.build())
+        discs = nn.ModuleList([spec.build() for spec in cfg.discriminators])
+        self.initialised_from = self._init_from_checkpoint(model, discs)  # before adapters change the layout
         for adapter in cfg.adapters:
             model = adapter.build().apply(model)
-        discs = nn.ModuleList([spec.build() for spec in cfg.discriminators])
         aligners = nn.ModuleList([spec.build() for spec in cfg.aligners])
         model.to(dev)
         discs.to(dev)
@@ -351,6 +352,28 @@ class Engine:
         bar.write(f"eval @ step {self.step}: {shown}")
         return metrics
 
+    def _init_from_checkpoint(self, model: nn.Module, discs: nn.ModuleList) -> str | None:
+        """``train.init_from`` (fine-tuning): load a trained tokenizer (and its discriminators) into a fresh run.
+        Skipped when this run resumes; a mismatch fails here, before the output folder is touched."""
+        t = self.cfg.train
+        if not t.init_from or (self.cfg.run.resume and ckpt.latest_checkpoint(self.out_dir) is not None):
+            return None
+        try:
+            weights = ckpt.load_tokenizer_weights(model, t.init_from, t.init_use_ema)
+        except CheckpointError as exc:
+            raise CheckpointError(f"train.init_from: {exc}") from exc
+        described = str(weights)
+        if t.init_discriminators and len(discs):
+            try:
+                found = ckpt.load_discriminator_weights(discs, t.init_from)
+            except CheckpointError as exc:
+                raise CheckpointError(
+                    f"train.init_from: {exc} Set train.init_discriminators = false to start them from scratch."
+                ) from exc
+            if found is not None:
+                described += f" (+ {found.name})"
+        return described
+
     def _stop_on_signal(self, signum: int) -> None:
         """Save a checkpoint at the current step (unless the last step just wrote one) and stop the run."""
         latest = ckpt.latest_checkpoint(self.out_dir)
@@ -464,14 +487,17 @@ class Engine:
             return
         t = self.cfg.train
         n_params = sum(p.numel() for p in self.model.parameters())
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trainable = "" if n_trainable == n_params else f" ({n_trainable / 1e6:.3f} M trainable)"
         lines = [
             f"xqgan run '{self.cfg.run.name}' -> {self.out_dir}",
             f"  device {self.device.torch_device} x{self.world}, precision {self.autocast_dtype or torch.float32}, "
-            f"tokenizer {n_params / 1e6:.2f} M params, {len(self.discs)} discriminator(s)",
+            f"tokenizer {n_params / 1e6:.2f} M params{trainable}, {len(self.discs)} discriminator(s)",
             f"  data: {n_train} training / {n_eval} held-out images; {t.steps} steps of "
             f"{t.batch_size}x{t.grad_accum}x{self.world} images",
             f"  perceptual loss / LPIPS: {'on' if self.perceptual is not None else 'OFF (no LPIPS backbone weights)'}",
-            f"  {'resumed from ' + resumed_from + f' (step {self.step})' if resumed_from else 'starting from step 0'}",
+            f"  {'resumed from ' + resumed_from + f' (step {self.step})' if resumed_from else 'starting from step 0'}"
+            + (f", weights from {self.initialised_from}" if self.initialised_from else ""),
         ]
         for extra in self.pm.hook.xqgan_report_header(registry=self.registry):
             if extra:

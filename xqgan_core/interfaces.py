@@ -149,6 +149,11 @@ class Adapter(Component):
     def apply(self, module: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def merge(self, module: nn.Module) -> nn.Module:
+        """Fold what ``apply`` added back into plain weights for inference (e.g. LoRA's low-rank updates), after
+        the trained weights were loaded; returns the module. Default: unchanged."""
+        return module
+
 
 class Device(Component):
     """Where tensors live and how a step runs there: cpu / cuda / hpu."""

@@ -54,6 +54,16 @@ class TrainSection:
     max_bad_steps: int = option(
         20, help="Stop the run after this many consecutive steps with a NaN/inf loss.", validator=positive()
     )
+    init_from: str = option(
+        "",
+        help="fine-tuning: start from this checkpoint's tokenizer weights (a checkpoint folder or a run's out_dir, "
+        "whose encoder/quantizer/decoder must match this run file's). Ignored when out_dir already holds a "
+        "checkpoint: the run then resumes. Empty = random initialisation.",
+    )
+    init_use_ema: bool = option(True, help="with init_from: take the EMA weights when that checkpoint has them")
+    init_discriminators: bool = option(
+        True, help="with init_from: also start the discriminators from that checkpoint's (if it has them)"
+    )
 
 
 @config

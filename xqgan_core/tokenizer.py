@@ -92,17 +92,12 @@ class Tokenizer:
 
         cfg = registry.config
         model = TokenizerModel(cfg.encoder.build(), cfg.quantizer.build(), cfg.decoder.build())
-        for adapter in cfg.adapters:  # e.g. LoRA adds parameters: the layout must match the saved one
-            model = adapter.build().apply(model)
-        weights = folder / ckpt.EMA
-        if not (use_ema and weights.is_file()):
-            weights = folder / ckpt.MODEL
-        what = "tokenizer (encoder/quantizer/decoder)" + (" EMA weights" if weights.name == ckpt.EMA else "")
-        tensors = ckpt.load_tensors(weights)
-        own = model.state_dict()
-        # the EMA shadow is kept in fp32; cast each entry back to the module's dtype before loading
-        tensors = {k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}
-        ckpt.load_into(model, tensors, what, weights)
+        adapters = [spec.build() for spec in cfg.adapters]
+        for adapter in adapters:  # e.g. LoRA adds parameters: the layout must match the saved one
+            model = adapter.apply(model)
+        weights = ckpt.load_tokenizer_weights(model, folder, use_ema)
+        for adapter in adapters:  # then fold them into plain weights: inference pays nothing for them
+            model = adapter.merge(model)
         return cls(
             model,
             _as_device(device),

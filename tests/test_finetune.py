@@ -1,0 +1,84 @@
+"""Fine-tuning through the engine: train.init_from, adapters in a run file, and the tokenizer of the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_fixtures import make_images, tiny_run
+
+from xqgan_core import CheckpointError, Registry, Tokenizer
+from xqgan_core.checkpoint import latest_checkpoint, load_tensors, load_tokenizer_weights
+from xqgan_core.engine import Engine
+from xqgan_core.model import TokenizerModel
+
+LORA = '\n[[adapters]]\nuse = "lora"\nrank = 2\ntargets = ["decoder"]\n'
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, Path]:
+    """A trained tiny tokenizer (its out_dir) and the data folder it used."""
+    root = tmp_path_factory.mktemp("pretrained")
+    make_images(root / "data")
+    out = root / "out"
+    Engine(Registry.from_toml(write(root, "base", tiny_run(root / "data", out, steps=4)))).fit()
+    return out, root / "data"
+
+
+def test_init_from_starts_at_the_checkpoint_and_lora_keeps_the_base_weights(pretrained, tmp_path, capsys):
+    source, data = pretrained
+    out = tmp_path / "ft"
+    run = tiny_run(data, out, steps=3, init_from=str(source), ema_decay=0.0) + LORA
+    Engine(Registry.from_toml(write(tmp_path, "ft", run))).fit()
+    assert f"weights from {latest_checkpoint(source) / 'ema.safetensors'}" in "".join(capsys.readouterr())
+    src = load_tensors(latest_checkpoint(source) / "ema.safetensors")
+    tuned = load_tensors(latest_checkpoint(out) / "model.safetensors")
+    base_keys = [k for k in tuned if ".lora_" not in k]
+    assert set(base_keys) == set(src)
+    for k in base_keys:  # every original weight, codebook included, is exactly the pretrained one
+        torch.testing.assert_close(tuned[k].float(), src[k].float(), rtol=0, atol=0, msg=k)
+    assert any(".lora_up." in k and tuned[k].abs().sum() > 0 for k in tuned)  # the branches trained
+
+    # the fine-tuned tokenizer loads with its adapter folded in: plain layout, same outputs as the unmerged model
+    tok = Tokenizer.from_checkpoint(out, device="cpu", use_ema=False)
+    assert not any(".lora_" in k for k in tok.model.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    unmerged = Registry.from_toml(write(tmp_path, "ft2", run)).config
+    ref = TokenizerModel(unmerged.encoder.build(), unmerged.quantizer.build(), unmerged.decoder.build())
+    ref = unmerged.adapters[0].build().apply(ref)
+    load_tokenizer_weights(ref, out, use_ema=False)
+    with torch.no_grad():
+        torch.testing.assert_close(tok.reconstruct(x), ref.eval()(x)[0].clamp(-1, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_a_different_architecture_names_the_option(pretrained, tmp_path):
+    source, data = pretrained
+    run = tiny_run(data, tmp_path / "ft", init_from=str(source)).replace("codebook_size = 32", "codebook_size = 64")
+    with pytest.raises(CheckpointError, match=r"train\.init_from: .*shape mismatch: quantizer\.embedding\.weight"):
+        Engine(Registry.from_toml(write(tmp_path, "bad", run))).fit()
+    assert not (tmp_path / "ft").exists()  # failed before anything was written
+
+
+def test_resuming_a_fine_tuning_run_ignores_init_from(pretrained, tmp_path, capsys):
+    source, data = pretrained
+    out = tmp_path / "ft"
+    path = write(tmp_path, "ft", tiny_run(data, out, steps=2, init_from=str(source)))
+    Engine(Registry.from_toml(path)).fit()
+    capsys.readouterr()
+    Engine(Registry.from_toml(path, overrides=["train.steps=3"])).fit()
+    text = "".join(capsys.readouterr())
+    assert "resumed from" in text and "weights from" not in text
+
+
+def test_missing_init_checkpoint_is_a_clear_error(tmp_path):
+    make_images(tmp_path / "data")
+    run = tiny_run(tmp_path / "data", tmp_path / "ft", init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match=r"train\.init_from: .*nowhere"):
+        Engine(Registry.from_toml(write(tmp_path, "missing", run))).fit()
