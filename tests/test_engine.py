@@ -83,6 +83,18 @@ def test_learning_rate_follows_warmup_cosine(tmp_path):
     assert lrs == pytest.approx([1e-3 * factor(s) for s in range(1, 6)])
 
 
+def test_lazy_r1_penalty_runs_on_every_r1_every_th_discriminator_step(tmp_path):
+    data = tmp_path / "data"
+    make_images(data)
+    out = tmp_path / "out"
+    path = write_run(tmp_path, data, out, steps=8)
+    path.write_text(path.read_text().replace("lecam = 0.001", "lecam = 0.001\nr1 = 1.0\nr1_every = 2"))
+    Engine(Registry.from_toml(path)).fit()
+    with_r1 = [r["step"] for r in records(out, "train") if "d_r1" in r]
+    # discriminator steps from disc_start = 3 (0-based step counter 3..7, logged as 4..8); R1 where it is even
+    assert with_r1 == [5, 7] and all(r["d_r1"] > 0 for r in records(out, "train") if "d_r1" in r)
+
+
 def test_gradient_clipping_is_applied(tmp_path, monkeypatch):
     data = tmp_path / "data"
     make_images(data)

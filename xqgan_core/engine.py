@@ -32,7 +32,7 @@ from .errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from .evaluation import evaluate, save_grid
 from .hooks import chain_step_wrappers, make_plugin_manager
 from .interfaces import Device
-from .losses import LeCam, adaptive_weight, discriminator_loss, generator_loss
+from .losses import LeCam, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
 from .model import TokenizerModel
 from .optim import EMA, warmup_cosine
 from .perceptual import Perceptual, load_lpips
@@ -307,6 +307,10 @@ class Engine:
                         reg = self.lecam(real_logits, fake_logits)
                         loss = loss + lw.lecam * reg
                         _accumulate(sums, "d_lecam", reg.detach().float() / len(fakes))
+            if lw.r1 > 0 and self.step % lw.r1_every == 0:  # the same steps on every rank
+                r1 = sum(r1_penalty(d, x) for d in self.discs)
+                loss = loss + 0.5 * lw.r1 * lw.r1_every * r1
+                _accumulate(sums, "d_r1", r1.detach().float() / len(fakes))
             (loss / len(fakes)).backward()  # on every rank: the gradient all-reduce below is a collective
             _accumulate(sums, "d_loss", loss.detach().float() / len(fakes))
         if self.world > 1:  # discriminators are not DDP-wrapped (two forward passes per step): average by hand

@@ -1,6 +1,8 @@
-"""GAN losses, the adaptive generator weight and LeCam regularisation."""
+"""GAN losses, the adaptive generator weight, and the discriminator regularisers (LeCam, R1)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,15 @@ def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_layer: Tensor, max_
     adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (adv_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): ``mean_b ||d D(x_b) / d x_b||^2`` on real images; pulls D towards zero gradient
+    on the data, which keeps GAN training near equilibrium. Differentiable (create_graph) so it trains D; fp32."""
+    x = real.detach().float().requires_grad_(True)
+    logits = discriminator(x).float()
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+    return grad.pow(2).flatten(1).sum(dim=1).mean()
 
 
 class LeCam(nn.Module):

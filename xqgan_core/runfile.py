@@ -83,6 +83,15 @@ class LossSection:
     adaptive_max: float = option(1e4, help="Upper clamp of the adaptive weight.", validator=positive())
     lecam: float = option(0.0, help="Weight of LeCam regularisation on the discriminator (paper: 0.001).", validator=at_least(0))
     lecam_decay: float = option(0.999, help="EMA decay of the LeCam anchors.", validator=between(0, 1))
+    r1: float = option(
+        0.0,
+        help="weight gamma of the R1 gradient penalty gamma/2 * E||grad_x D(x)||^2 on real images (StyleGAN2 used "
+        "10 at 1024 px; 0 = off)",
+        validator=at_least(0),
+    )
+    r1_every: int = option(
+        16, help="lazy R1: apply it every N discriminator steps, scaled by N (StyleGAN2's choice)", validator=positive()
+    )
     alignment: float = option(0.1, help="Global multiplier of the aligners' losses.", validator=at_least(0))
 
 
