@@ -82,3 +82,20 @@ def test_missing_init_checkpoint_is_a_clear_error(tmp_path):
     run = tiny_run(tmp_path / "data", tmp_path / "ft", init_from=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match=r"train\.init_from: .*nowhere"):
         Engine(Registry.from_toml(write(tmp_path, "missing", run))).fit()
+
+
+def test_init_from_a_lora_run_starts_from_its_merged_weights(pretrained, tmp_path):
+    source, data = pretrained
+    lora_out = tmp_path / "lora"
+    Engine(Registry.from_toml(write(tmp_path, "lora", tiny_run(data, lora_out, steps=2, init_from=str(source)) + LORA))).fit()
+    merged = Tokenizer.from_checkpoint(lora_out, device="cpu").model.state_dict()
+    # a plain run (no adapters) continues from the LoRA run: its branches are folded into the weights first
+    out = tmp_path / "plain"
+    engine = Engine(Registry.from_toml(write(tmp_path, "plain", tiny_run(data, out, steps=1, init_from=str(lora_out),
+                                                                          lr=1e-12, warmup_steps=1, ema_decay=0.0))))
+    engine.fit()
+    tuned = load_tensors(latest_checkpoint(out) / "model.safetensors")
+    assert set(tuned) == set(merged)
+    for k in merged:
+        if merged[k].is_floating_point():  # (integer usage counters move with the one training step)
+            torch.testing.assert_close(tuned[k].float(), merged[k].float(), atol=1e-6, rtol=1e-5, msg=k)

@@ -38,6 +38,7 @@ from .optim import EMA, warmup_cosine
 from .perceptual import Perceptual, load_lpips
 from .registry import Registry
 from .stopping import StopSignals
+from .tokenizer import Tokenizer
 
 
 class StepSampler(torch.utils.data.Sampler[list[int]]):
@@ -363,10 +364,13 @@ class Engine:
         if not t.init_from or (self.cfg.run.resume and ckpt.latest_checkpoint(self.out_dir) is not None):
             return None
         try:
-            weights = ckpt.load_tokenizer_weights(model, t.init_from, t.init_use_ema)
+            # through the source run's own run file: adapters it was trained with (LoRA) are folded in first
+            source = Tokenizer.from_checkpoint(t.init_from, device="cpu", use_ema=t.init_use_ema)
+            what = "tokenizer (encoder/quantizer/decoder)"
+            ckpt.load_into(model, source.model.state_dict(), what, Path(source.weights or t.init_from))
         except CheckpointError as exc:
             raise CheckpointError(f"train.init_from: {exc}") from exc
-        described = str(weights)
+        described = str(source.weights)
         if t.init_discriminators and len(discs):
             try:
                 found = ckpt.load_discriminator_weights(discs, t.init_from)
