@@ -90,5 +90,6 @@ if tiles:
 EOF
 
 section "engine + tokenizer tests with the GPU visible"
-timeout 170 $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_engine.py tests/test_tokenizer.py 2>&1 | tail -15
+timeout 200 $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_engine.py tests/test_tokenizer.py \
+  tests/test_finetune.py tests/test_devices.py tests/test_binary_codes.py plugins/stylegan plugins/finetune 2>&1 | tail -15
 section done
