@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ from xqgan_core.engine import Engine
 from xqgan_core.model import TokenizerModel
 
 LORA = '\n[[adapters]]\nuse = "lora"\nrank = 2\ntargets = ["decoder"]\n'
+
+
+def records(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") == "train"]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -99,3 +107,19 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(pretrained, tmp_pat
     for k in merged:
         if merged[k].is_floating_point():  # (integer usage counters move with the one training step)
             torch.testing.assert_close(tuned[k].float(), merged[k].float(), atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("adapter", [LORA, '\n[[adapters]]\nuse = "frozen"\nparts = ["decoder"]\n'])
+def test_adversarial_fine_tuning_with_a_frozen_last_layer(pretrained, tmp_path, adapter):
+    """The adaptive GAN weight needs a gradient at the decoder's last layer, which both adapters freeze."""
+    source, data = pretrained
+    out = tmp_path / "ft"
+    run = tiny_run(data, out, steps=3, init_from=str(source)).replace("disc_start = 3", "disc_start = 0") + adapter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Engine(Registry.from_toml(write(tmp_path, "gan", run))).fit()
+    rows = records(out)
+    assert all("adv" in r and "adv_weight" in r and math.isfinite(r["adv_weight"]) for r in rows)
+    frozen_decoder = "frozen" in adapter
+    assert all((r["adv_weight"] == 1.0) == frozen_decoder for r in rows)  # LoRA: a real gradient-norm ratio
+    assert any("adaptive GAN weight is off" in str(w.message) for w in caught) == frozen_decoder

@@ -122,6 +122,7 @@ class Engine:
             discs.to(memory_format=torch.channels_last)
         self.pm.hook.xqgan_model_built(model=model, registry=self.registry)
         self.model, self.discs, self.aligners = model, discs, aligners
+        self.adaptive_ref = _adaptive_reference(model) if cfg.loss.adaptive_weight and len(discs) else None
         self.train_model: nn.Module = model
         if self.world > 1:
             ddp_kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
@@ -285,8 +286,8 @@ class Engine:
         if disc_on and lw.adversarial > 0:
             with self.device.autocast(self.autocast_dtype):
                 adv = sum(generator_loss(lw.disc_loss, d(recon).float()) for d in self.discs)
-            weight = (adaptive_weight(nll, adv, self.model.decoder.last_layer, lw.adaptive_max)
-                      if lw.adaptive_weight else torch.ones((), device=x.device))
+            weight = (adaptive_weight(nll, adv, self.adaptive_ref, lw.adaptive_max)
+                      if self.adaptive_ref is not None else torch.ones((), device=x.device))
             terms["adv"] = lw.adversarial * weight * adv
             _accumulate(sums, "adv_weight", weight.detach().float() / accum)
         return recon, quant.stats, terms
@@ -579,6 +580,20 @@ class _RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _adaptive_reference(model: TokenizerModel) -> Tensor | None:
+    """The parameter the adaptive GAN weight compares gradient norms at: the decoder's last layer, or, when an
+    adapter froze it (LoRA, frozen parts), the decoder's last trainable parameter (e.g. that layer's LoRA branch).
+    None, with a warning, when nothing in the decoder trains: the adversarial term then keeps weight 1."""
+    last = model.decoder.last_layer
+    if last.requires_grad:
+        return last
+    trainable = [p for p in model.decoder.parameters() if p.requires_grad]
+    if trainable:
+        return trainable[-1]
+    warnings.warn("the decoder has no trainable parameter: the adaptive GAN weight is off (weight 1)", stacklevel=3)
+    return None
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
