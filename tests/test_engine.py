@@ -240,7 +240,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "out"
     run = write_run(tmp_path, data, out, steps=400, checkpoint_every=1000, eval_every=1000, log_every=1)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"]
     res = _stop_with_signal(cmd, out, signal.SIGTERM)  # torchrun passes it on to both ranks
     assert res.returncode != 0
     stopped_at = max(r["step"] for r in records(out, "train"))
@@ -337,7 +337,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     run = write_run(tmp_path, data, out, steps=4)
     torchrun = Path(sys.executable).with_name("torchrun")
     # device cpu explicitly: on a GPU machine the automatic choice would be CUDA with NCCL
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"],
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "xqgan_core.cli", str(run), "--set", "device.use=cpu"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "device cpu x2" in res.stdout + res.stderr
@@ -384,7 +384,7 @@ def test_ddp_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(_NAN_ON_ONE_RANK)
     torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", str(script), str(run)],
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(run)],
                          capture_output=True, text=True, timeout=300)
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
