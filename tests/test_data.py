@@ -12,16 +12,11 @@ import torch
 from PIL import Image
 
 from xqgan_core.config import validate
-from xqgan_core.data import (
-    BadImageWarning,
-    FolderData,
-    ImageReadError,
-    NoReadableImageError,
-    SampleData,
-    load_rgb,
-    to_tensor,
-)
-from xqgan_core.errors import ConfigError
+from xqgan_core.errors import ConfigError, ImageReadError, NoReadableImageError
+from xqgan_core.fallback_dataset import BadImageWarning
+from xqgan_core.images import array_to_rgb, as_rgb, load_rgb, to_tensor
+from xqgan_core.sources.folder import FolderData
+from xqgan_core.sources.sample import SampleData
 
 RNG = np.random.default_rng(0)
 
@@ -270,7 +265,10 @@ def test_sample_loads_offline_and_splits_by_source_image(sample: SampleData) -> 
 
 def test_sample_is_deterministic_given_the_seed(sample: SampleData) -> None:
     ev = sample.eval_set()
-    assert torch.equal(ev[5]["image"], ev[5]["image"])
+    torch.manual_seed(0)
+    view = ev[5]["image"]
+    torch.manual_seed(1)  # evaluation views are fixed: the global RNG does not move them
+    assert torch.equal(ev[5]["image"], view) and not torch.equal(ev[4]["image"], view)
     train = sample.train_set()
     torch.manual_seed(3)
     first = torch.stack([train[i]["image"] for i in range(8)])
@@ -295,3 +293,127 @@ def test_sample_config_problems() -> None:
     assert any("'camera' is not listed in images" in p for p in problems)
     _, problems = validate(SampleData.Config, {"images": ["astronaut"], "holdout_images": ["astronaut"]}, "data")
     assert any("none is left for training" in p for p in problems)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# item keys: (index, seed) makes an item depend on the key only
+
+
+class _Keys(torch.utils.data.Sampler):
+    """Yields fixed dataset keys, as the trainer's resumable sampler does."""
+
+    def __init__(self, keys: list[tuple[int, int]]) -> None:
+        self.keys = keys
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _random_views(ds: torch.utils.data.Dataset, keys: list[tuple[int, int]], workers: int = 0) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=_Keys(keys), num_workers=workers)
+    return torch.cat([b["image"] for b in loader])
+
+
+def test_seeded_keys_give_the_same_item_whatever_the_global_rng_and_in_workers(
+    tmp_path: Path, sample: SampleData
+) -> None:
+    for i in range(3):
+        _save(tmp_path / f"{i}.png", _photo(24, 48))
+    folder = _folder(tmp_path, resolution=16, crop="random", flip=True, holdout=0.0).train_set()
+    for ds in (folder, sample.train_set()):
+        keys = [(i % len(ds), 1000 + i) for i in range(6)]
+        torch.manual_seed(0)
+        first = torch.stack([ds[k]["image"] for k in keys])
+        torch.manual_seed(123)
+        torch.rand(7)  # a different global RNG state
+        assert torch.equal(torch.stack([ds[k]["image"] for k in keys]), first)
+        assert torch.equal(_random_views(ds, keys, workers=1), first)  # a worker process with its own RNG
+        assert ds[(keys[0][0], 7)]["index"] == keys[0][0]
+        # the seed does choose the crop: one index under many seeds gives several different views
+        views = {tuple(ds[(0, seed)]["image"].flatten()[:64].tolist()) for seed in range(8)}
+        assert len(views) > 1
+
+
+def test_plain_int_keys_still_draw_from_the_global_rng(sample: SampleData) -> None:
+    ds = sample.train_set()
+    torch.manual_seed(5)
+    a = ds[3]["image"]
+    torch.manual_seed(5)
+    assert torch.equal(ds[3]["image"], a)
+    with pytest.raises(TypeError, match=r"index or \(index, seed\)"):
+        ds[(1, 2, 3)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# image safety: pixel cap, 16-bit without float64 copies, NaN
+
+
+def test_images_above_the_pixel_cap_are_reported_with_file_size_and_option(tmp_path: Path) -> None:
+    _save(tmp_path / "small.png", _photo(10, 10))
+    big = _save(tmp_path / "big.png", _photo(40, 50))
+    with pytest.raises(ImageReadError) as exc:
+        load_rgb(big, max_pixels=1000)
+    assert str(exc.value).startswith(f"{big}: image too large: 50 x 40 = 2,000 pixels")
+    assert "data.max_pixels = 1,000" in str(exc.value)
+    with pytest.warns(BadImageWarning, match=r"big\.png: image too large: 50 x 40"):
+        data = _folder(tmp_path, resolution=8, holdout=0.0, max_pixels=1000)
+    assert [Path(p).name for p, _ in data.train_files] == ["small.png"]
+    [problem] = data.problems()
+    assert problem.startswith(f"{big}: ") and "data.max_pixels" in problem
+    # without the up-front check the cap still applies when items load: reported and skipped
+    unverified = _folder(tmp_path, resolution=8, holdout=0.0, max_pixels=1000, verify=False)
+    with pytest.warns(BadImageWarning, match="image too large"):
+        items = [unverified.train_set()[i]["index"] for i in range(2)]
+    assert {Path(unverified.train_files[i][0]).name for i in items} == {"small.png"}
+    assert load_rgb(big).size == (50, 40)  # the default cap is far above this
+
+
+def _peak_bytes(fn) -> int:  # noqa: ANN001
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_16_bit_and_float_images_convert_without_float64_copies(tmp_path: Path) -> None:
+    deep = np.random.default_rng(0).integers(0, 65536, (500, 400)).astype(np.uint16)
+    deep[0, :3] = [0, 32767, 65535]
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    im = Image.open(tmp_path / "deep.png")
+    im.load()
+    assert im.mode.startswith("I;16")
+    pixels = deep.size
+    # a single float64 copy of the image is 8 bytes per pixel; the old conversion made several
+    assert _peak_bytes(lambda: as_rgb(im)) < 8 * pixels
+    assert np.asarray(as_rgb(im))[0, :3, 0].tolist() == [0, 127, 255]  # rescaled by 255/65535, rounded
+    assert np.array_equal(np.asarray(as_rgb(im))[..., 0], np.rint(deep / 257.0).astype(np.uint8))
+    assert _peak_bytes(lambda: array_to_rgb(deep)) < 8 * pixels
+    flt = np.random.default_rng(1).random((500, 400)).astype(np.float32)
+    f_im = Image.fromarray(flt, "F")
+    assert _peak_bytes(lambda: as_rgb(f_im)) < 12 * pixels  # raw float32 data (4) + a float64 copy (8)
+    exact = np.rint(flt.astype(np.float64) * 255)
+    assert np.abs(np.asarray(as_rgb(f_im))[..., 0] - exact).max() <= 1  # float32 rounding may differ at .5
+
+
+def test_float_images_with_nan_are_rejected_naming_the_path(tmp_path: Path) -> None:
+    bad = np.full((12, 12), 0.5, np.float32)
+    bad[3, 4] = np.nan
+    Image.fromarray(bad, "F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((12, 12), 0.5, np.float32), "F").save(tmp_path / "fine.tif")
+    with pytest.raises(ImageReadError, match=r"nan\.tif: float image contains NaN"):
+        load_rgb(tmp_path / "nan.tif")
+    assert np.asarray(load_rgb(tmp_path / "fine.tif"))[0, 0].tolist() == [128, 128, 128]
+    with pytest.raises(ValueError, match="NaN"):
+        array_to_rgb(bad)
+    data = _folder(tmp_path, resolution=8, holdout=0.0)  # passes the cheap check, fails when decoded
+    ds = data.train_set()
+    with pytest.warns(BadImageWarning, match=r"nan\.tif: float image contains NaN"):
+        served = {Path(data.train_files[ds[i]["index"]][0]).name for i in range(len(ds))}
+    assert served == {"fine.tif"}

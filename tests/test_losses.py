@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xqgan_core.losses import LeCam, adaptive_weight, discriminator_loss, generator_loss, r1_penalty
+from xqgan_core.losses import LeCam, adaptive_weight, adversarial_loss, discriminator_loss, r1_penalty
 
 REAL, FAKE = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
 
@@ -16,16 +16,16 @@ REAL, FAKE = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
 def test_hinge_losses():
     # D: 0.5 * (mean relu(1 - real) + mean relu(1 + fake)) = 0.5 * ((0 + 0.5)/2 + (0 + 1.5)/2)
     assert discriminator_loss("hinge", REAL, FAKE).item() == pytest.approx(0.5)
-    assert generator_loss("hinge", FAKE).item() == pytest.approx(0.75)
+    assert adversarial_loss("hinge", FAKE).item() == pytest.approx(0.75)
 
 
-def test_cross_entropy_losses_and_their_generator_forms():
+def test_cross_entropy_losses_and_their_adversarial_forms():
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731 - softplus
     d = 0.5 * ((sp(-2.0) + sp(-0.5)) / 2 + (sp(-2.0) + sp(0.5)) / 2)
     for kind in ("vanilla", "non_saturating"):
         assert discriminator_loss(kind, REAL, FAKE).item() == pytest.approx(d, rel=1e-6)
-    assert generator_loss("vanilla", FAKE).item() == pytest.approx(-(sp(-2.0) + sp(0.5)) / 2, rel=1e-6)
-    assert generator_loss("non_saturating", FAKE).item() == pytest.approx((sp(2.0) + sp(-0.5)) / 2, rel=1e-6)
+    assert adversarial_loss("vanilla", FAKE).item() == pytest.approx(-(sp(-2.0) + sp(0.5)) / 2, rel=1e-6)
+    assert adversarial_loss("non_saturating", FAKE).item() == pytest.approx((sp(2.0) + sp(-0.5)) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="unknown GAN loss 'wasserstein'"):
         discriminator_loss("wasserstein", REAL, FAKE)
 

@@ -195,3 +195,107 @@ def test_import_is_cheap_and_offline(tmp_path: Path) -> None:
     env = {**os.environ, "TORCH_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert list(home.iterdir()) == []
+
+
+# -- missing file: download when online, one warning offline, an error when required --------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No offline switch set (the download path is exercised with file:// URLs, which open no socket)."""
+    for name in perceptual.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _leftovers(home: Path) -> list[str]:
+    folder = home / "hub" / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_online_missing_file_is_downloaded_into_the_hub_cache(
+    vgg_file: tuple[Path, dict[str, torch.Tensor]], no_network: Path, online: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, features = vgg_file
+    monkeypatch.setattr(perceptual, "VGG16_URL", path.as_uri())
+    monkeypatch.setattr(perceptual, "VGG16_SHA256_PREFIX", _sha256(path)[:8])  # the random file's own hash
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a successful download is not a warning
+        module = load_lpips(None, "cpu", required=True)
+    assert module is not None
+    _assert_trunk_equals(module, features)
+    assert _leftovers(no_network) == [VGG16_FILE]  # moved into place, no partial file left
+    assert hub_cache_path().read_bytes() == path.read_bytes()
+
+
+def test_download_with_wrong_hash_is_refused(
+    vgg_file: tuple[Path, dict[str, torch.Tensor]], no_network: Path, online: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = vgg_file  # a random VGG16: its SHA-256 does not start with torchvision's 397923af
+    assert not _sha256(path).startswith(perceptual.VGG16_SHA256_PREFIX)
+    monkeypatch.setattr(perceptual, "VGG16_URL", path.as_uri())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_lpips(None, "cpu") is None
+    assert len(caught) == 1 and "invalid hash" in str(caught[0].message)
+    assert _leftovers(no_network) == []  # neither the file nor a partial download stays
+    with pytest.raises(CheckpointError, match="invalid hash"):
+        load_lpips(None, "cpu", required=True)
+    assert _leftovers(no_network) == []
+
+
+def test_unreachable_network_warns_once_and_trains_without(no_network: Path, online: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    attempts: list[Path] = []
+
+    def unreachable(destination: Path, url: str = "", timeout_s: float = 0.0) -> None:
+        attempts.append(destination)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(perceptual, "download_vgg16", unreachable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_lpips(None, "cpu") is None
+        assert load_lpips("", "cpu") is None
+    assert attempts == [hub_cache_path(), hub_cache_path()]
+    assert len(caught) == 1 and "Name or service not known" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("switch", perceptual.OFFLINE_VARIABLES)
+def test_offline_switch_never_attempts_a_download(
+    switch: str, no_network: Path, online: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("download attempted although offline")
+
+    monkeypatch.setattr(perceptual, "download_vgg16", forbidden)
+    monkeypatch.setenv(switch, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_lpips(None, "cpu") is None
+    assert len(caught) == 1 and "offline" in str(caught[0].message)
+    assert list(no_network.iterdir()) == []
+
+
+def test_required_and_missing_says_where_the_file_goes(no_network: Path) -> None:
+    with pytest.raises(CheckpointError) as err:
+        load_lpips(None, "cpu", required=True)
+    message = str(err.value)
+    assert "require_perceptual" in message and "lpips_weights" in message
+    assert str(no_network / "hub" / "checkpoints" / VGG16_FILE) in message
+    assert "offline" in message
+    # a configured file that is missing stays an error whether required or not
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        load_lpips(no_network / "nope.pth", "cpu", required=True)
+
+
+def test_require_perceptual_is_a_loss_option() -> None:
+    from xqgan_core.runfile import LossSection
+
+    assert LossSection().require_perceptual is False  # the default run keeps training without LPIPS

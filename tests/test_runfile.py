@@ -187,3 +187,112 @@ def _parse(text: str) -> dict:
     import tomllib
 
     return tomllib.loads(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks made at validation time, with the first-party plugins (nothing is built)
+
+_CNN = {"use": "cnn", "channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 8}  # 4x
+
+
+def _tokenizer_run(**tables: object) -> dict:
+    data = {
+        "data": {"use": "sample", "resolution": 32},
+        "encoder": {**_CNN, "out_dim": 8},
+        "quantizer": {"use": "vq", "codebook_size": 16, "dim": 8},
+        "decoder": {**_CNN, "in_dim": 8},
+    }
+    data.update(tables)
+    return data
+
+
+def test_first_party_tokenizer_run_validates() -> None:
+    reg = Registry.from_dict(_tokenizer_run())  # the base of the tests below is itself valid
+    assert reg.config.encoder.config.out_dim == 8
+
+
+def test_latent_dims_must_match_the_quantizer() -> None:
+    with pytest.raises(ConfigError) as err:
+        Registry.from_dict(_tokenizer_run(), overrides=["quantizer.dim=16"])
+    text = str(err.value)
+    assert "2 problem(s)" in text
+    assert "encoder.out_dim: the encoder produces 8-channel latents but quantizer 'vq' works on 16-dimensional codes; set encoder.out_dim = 16" in text
+    assert "decoder.in_dim: the decoder reads 8-channel latents" in text and "set decoder.in_dim = 16" in text
+    with pytest.raises(ConfigError, match=r"decoder.in_dim: the decoder reads 4-channel"):
+        Registry.from_dict(_tokenizer_run(), overrides=["decoder.in_dim=4"])
+
+
+def test_resolution_must_fit_the_encoder_and_ssim() -> None:
+    with pytest.raises(ConfigError) as err:
+        Registry.from_dict(_tokenizer_run(), overrides=["data.resolution=30"])
+    assert ("data.resolution: 30 is not divisible by 4, the downsampling factor of encoder 'cnn' "
+            "(the token grid would not be whole); use a multiple of 4, e.g. 28 or 32") in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Registry.from_dict(_tokenizer_run(), overrides=["data.resolution=8"])
+    assert "data.resolution: 8 px is smaller than 11 px, the smallest image evaluation's SSIM accepts" in str(err.value)
+    assert "divisible" not in str(err.value)
+    Registry.from_dict(_tokenizer_run(), overrides=["data.resolution=12"])  # 12 = 3 x 4 tokens, >= 11: fine
+
+
+def test_set_reaches_inside_short_form_components() -> None:
+    data = _tokenizer_run(discriminators=["patchgan"], quantizer="vq")
+    data["encoder"]["out_dim"] = data["decoder"]["in_dim"] = 8  # vq's default dim
+    reg = Registry.from_dict(data, overrides=["discriminators[0].ndf=32", "quantizer.codebook_size=64"])
+    assert reg.config.discriminators[0].use == "patchgan" and reg.config.discriminators[0].config.ndf == 32
+    assert reg.config.quantizer.use == "vq" and reg.config.quantizer.config.codebook_size == 64
+    with pytest.raises(ConfigError, match=r"'discriminators\[0\]' is not a table"):
+        apply_overrides({"discriminators": [3]}, ["discriminators[0].ndf=32"])
+
+
+def test_generator_table_is_refused_until_generators_exist() -> None:
+    with pytest.raises(ConfigError) as err:
+        Registry.from_dict(_tokenizer_run(generator={"use": "anything"}))
+    assert "generator: generators are not implemented yet: the [generator] table would be ignored" in str(err.value)
+
+
+def test_run_file_that_is_not_utf8_names_file_and_byte(tmp_path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        Registry.from_toml(path)
+    assert str(path) in str(err.value)
+    assert "not UTF-8 text: byte 0xe9 at byte position 17" in str(err.value)
+    res = subprocess.run([sys.executable, "-m", "xqgan_core.cli", "validate", str(path)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "byte position 17" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 10000 + "]" * 10000,  # nested arrays
+        "a = " + "{b = " * 10000 + "1" + "}" * 10000,  # nested inline tables
+        "[" + ".".join(["t"] * 10000) + "]\nx = 1",  # a 10000-level table header
+        "a = " + "[" * 100 + "]" * 100,  # parses fine, still far deeper than any run file
+    ],
+)
+def test_absurd_nesting_is_a_config_error(tmp_path, text) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="nested"):
+        Registry.from_toml(path)
+
+
+def test_absurd_nesting_from_python_and_overrides_is_a_config_error() -> None:
+    deep: dict = {}
+    node = deep
+    for _ in range(10000):
+        node["t"] = {}
+        node = node["t"]
+    with pytest.raises(ConfigError, match=r"t: tables / arrays nested more than 64 levels deep"):
+        Registry.from_dict({"t": deep})
+    with pytest.raises(ConfigError, match="nested"):
+        Registry.from_dict(_tokenizer_run(), overrides=["x.y=" + "[" * 10000 + "]" * 10000])
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_eval_rejects_a_batch_size_below_one(tmp_path, value) -> None:
+    res = subprocess.run([sys.executable, "-m", "xqgan_core.cli", "eval", str(tmp_path / "ckpt"), "--data",
+                          str(tmp_path), "--batch-size", value], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"argument --batch-size: must be at least 1, got {value}" in res.stderr

@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 
 from xqgan_core import Registry
 from xqgan_core import checkpoint as ckpt
-from xqgan_core.data import ImageReadError
 from xqgan_core.engine import Engine
-from xqgan_core.errors import CheckpointError, ConfigError, XQGanError
+from xqgan_core.errors import CheckpointError, ConfigError, ImageReadError, XQGanError
 from xqgan_core.tokenizer import Tokenizer, evaluate_folder, reconstruct_files
 from xqgan_core.tomlwrite import dumps as toml_dumps
 
@@ -116,6 +115,38 @@ def test_decode_encode_equals_reconstruct(tok: Tokenizer, images_dir: Path) -> N
     assert not recon.requires_grad
 
 
+def test_encode_as_sequence_and_decode_it(tok: Tokenizer, images_dir: Path) -> None:
+    x = _batch(images_dir, tok)
+    idx, seq = tok.encode(x), tok.encode(x, as_sequence=True)
+    layout = tok.token_layout
+    assert (layout.length, layout.tokens_per_step, layout.grid) == (256, 1, (16, 16))
+    assert seq.shape == (3, 256, 1) and torch.equal(seq[:, :, 0], idx.flatten(1))
+    torch.testing.assert_close(tok.decode(seq, as_sequence=True), tok.decode(idx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(B, 256, 1\)"):
+        tok.decode(seq[:, :-1], as_sequence=True)
+
+
+def test_a_product_of_residual_quantizers_speaks_sequences() -> None:
+    # (B, P, N, h, w) indices: the sequence has P * N tokens per position, branch-major, and decodes the same
+    from xqgan_core import build
+    from xqgan_core.model import TokenizerModel
+
+    torch.manual_seed(0)
+    quantizer = build("quantizer", {"use": "pq", "branches": 2, "branch": {
+        "use": "rq", "levels": 2, "code": {"use": "vq", "codebook_size": 16, "dim": 4}}})
+    model = TokenizerModel(build("encoder", {**CNN, "out_dim": 8}), quantizer, build("decoder", {**CNN, "in_dim": 8}))
+    tok = Tokenizer(model, build("device", "cpu"))  # no run resolution
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    idx, seq = tok.encode(x), tok.encode(x, as_sequence=True)
+    assert idx.shape == (2, 2, 2, 8, 12) and seq.shape == (2, 96, 4)
+    assert torch.equal(seq[1, 13], idx[1, :, :, 1, 1].flatten())
+    layout = tok.layout_for(16, 24)
+    assert layout.codebooks == ("branch0/level0", "branch0/level1", "branch1/level0", "branch1/level1")
+    torch.testing.assert_close(tok.decode(seq, layout=layout), tok.decode(idx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layout_for"):
+        tok.token_layout  # noqa: B018 - the property needs the run's resolution
+
+
 def test_non_divisible_size_names_the_factor(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"33x32 .*downsampling factor 2"):
         tok.encode(torch.zeros(1, 3, 33, 32))
@@ -136,6 +167,13 @@ def test_preprocess(tok: Tokenizer, images_dir: Path, tmp_path: Path) -> None:
     bad.write_bytes(b"not an image")
     with pytest.raises(ImageReadError, match="bad.jpg: "):
         tok.preprocess(bad)
+
+
+def test_preprocess_refuses_images_above_the_runs_pixel_cap(ckpt_dir: Path, images_dir: Path, tmp_path: Path) -> None:
+    capped = _edited_checkpoint(ckpt_dir, tmp_path / "capped", lambda d: d["data"].update(max_pixels=1000))
+    tok = Tokenizer.from_checkpoint(capped, device="cpu")
+    with pytest.raises(ImageReadError, match=r"img00\.png: image too large: 40 x 40 = 1,600 pixels.*data\.max_pixels = 1,000"):
+        tok.preprocess(images_dir / "img00.png")
 
 
 def test_from_checkpoint_accepts_out_dir_folder_and_file(run_dir: Path, ckpt_dir: Path, tok: Tokenizer) -> None:
@@ -159,7 +197,10 @@ def test_use_ema_false_loads_model_weights(ckpt_dir: Path, tok: Tokenizer) -> No
 def test_without_ema_file_model_weights_are_used(ckpt_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     shutil.copytree(ckpt_dir, folder)
-    (folder / ckpt.EMA).unlink()
+    (folder / ckpt.EMA).unlink()  # as written by a run without EMA: meta.json does not list it either
+    meta = json.loads((folder / ckpt.META).read_text(encoding="utf-8"))
+    meta["files"] = [stem for stem in meta.get("files", ["model"]) if stem != "ema"]
+    (folder / ckpt.META).write_text(json.dumps(meta), encoding="utf-8")
     assert Tokenizer.from_checkpoint(folder, device="cpu", use_ema=True).weights == folder / ckpt.MODEL
 
 

@@ -40,6 +40,8 @@ _LAZY = {
     "Adapter": "xqgan_core.interfaces",
     "Device": "xqgan_core.interfaces",
     "DataSource": "xqgan_core.interfaces",
+    "MultiLevelQuantizer": "xqgan_core.multilevel",
+    "TokenLayout": "xqgan_core.token_layout",
     "hookimpl": "xqgan_core.hooks",
 }
 

@@ -72,7 +72,8 @@ __all__ = [
 MAX_BITS = 62
 #: the codebook entropy of one group holds ``tokens x 2^group_size`` probabilities; 12 bits = 4096 per token.
 MAX_GROUP_SIZE = 12
-#: above this many bits, usage stats come from ``unique`` (O(tokens)) instead of a ``2^bits`` histogram.
+#: above this many bits, usage stats count the codes present (O(tokens)) instead of a ``2^bits`` histogram
+#: (``quant_ops.DENSE_USAGE_MAX``).
 BINCOUNT_MAX_BITS = 20
 
 
@@ -209,22 +210,13 @@ def entropy_loss(
 # Usage statistics
 
 
-def binary_usage(indices: Tensor, num_bits: int) -> dict[str, float]:
-    """``perplexity`` and ``utilization`` (% of the ``2^num_bits`` codes hit), batch-local, as ``codebook_usage``.
-
-    Up to ``BINCOUNT_MAX_BITS`` bits this is ``codebook_usage`` (a ``2^bits`` histogram); above, the histogram of the
-    codes actually present is taken with ``unique``, so the cost stays O(tokens) for codebooks of 2^36 or more.
+def binary_usage(indices: Tensor, num_bits: int) -> dict[str, Tensor]:
+    """``perplexity`` and ``utilization`` (% of the ``2^num_bits`` codes hit), batch-local: ``codebook_usage`` of the
+    ``2^num_bits``-code codebook (detached 0-d tensors, no host sync). Above ``BINCOUNT_MAX_BITS`` bits the histogram
+    is taken over the codes actually present (by sorting), so the cost stays O(tokens) for codebooks of 2^36 or more.
     """
     _check_bits(num_bits)
-    if num_bits <= BINCOUNT_MAX_BITS:
-        return codebook_usage(indices, 2**num_bits)
-    flat = indices.detach().reshape(-1)
-    if flat.numel() == 0:
-        return {"perplexity": 0.0, "utilization": 0.0}
-    counts = torch.unique(flat, return_counts=True)[1].double()
-    probs = counts / counts.sum()
-    entropy = -(probs * probs.log()).sum()
-    return {"perplexity": float(math.exp(float(entropy))), "utilization": 100.0 * counts.numel() / 2**num_bits}
+    return codebook_usage(indices, 2**num_bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,6 +282,11 @@ class BinaryQuantizer(Quantizer):
         self.codebook_size = 2**config.bits
         self.code_scale = 1.0 / math.sqrt(config.bits) if self.spherical else 1.0
 
+    @classmethod
+    def config_dim(cls, config: Any) -> int | None:
+        """One channel per bit: ``dim = bits``."""
+        return int(config.bits)
+
     def _check(self, z: Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.bits:
             raise ValueError(f"{self._name()} expects latents of shape (B, {self.bits}, H, W), got {tuple(z.shape)}")
@@ -319,8 +316,8 @@ class BinaryQuantizer(Quantizer):
             commitment = c.commitment_weight * (codes - z_f).pow(2).mean()
         indices = signs_to_indices(codes.permute(0, 2, 3, 1))
         stats: dict[str, Any] = binary_usage(indices, self.bits)
-        stats["sample_entropy"] = float(terms.sample.detach())
-        stats["codebook_entropy"] = float(terms.codebook.detach())
+        stats["sample_entropy"] = terms.sample.detach()
+        stats["codebook_entropy"] = terms.codebook.detach()
         return QuantOut(
             z_q=z_q.to(z.dtype), indices=indices, losses={"entropy": entropy, "commitment": commitment}, stats=stats
         )

@@ -10,7 +10,7 @@ import argparse
 import inspect
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ConfigError, PluginError, RunInterrupted, XQGanError
 
@@ -21,7 +21,7 @@ xqgan-run RUN.toml [--set KEY=VALUE ...]          train (or resume) the run desc
 xqgan-run validate RUN.toml [--set KEY=VALUE ...] check a run file, print the resolved options
 xqgan-run describe KIND NAME                      options of one component (types, defaults, help)
 xqgan-run --list-plugins [--check] [--json]       installed components (--check imports each one)
-xqgan-run reconstruct CKPT IMAGE... --out DIR     write reconstructions of images with a trained tokenizer
+xqgan-run reconstruct CKPT IMAGE... --out DIR     write reconstructions (--force: replace existing files)
 xqgan-run eval CKPT --data FOLDER                 metrics of a trained tokenizer on a folder of images
 """
 
@@ -64,6 +64,21 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lowest`` (argparse turns the ValueError into a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    return parse
 
 
 def _run_parser(prog: str) -> _Parser:
@@ -168,10 +183,15 @@ def _reconstruct(args: list[str]) -> int:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights if present")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files (never an input image)")
     ns = p.parse_args(args)
-    from .tokenizer import reconstruct_files
+    from .tokenizer import OutputExistsError, reconstruct_files
 
-    written = reconstruct_files(ns.checkpoint, ns.images, ns.out, use_ema=ns.ema)
+    try:
+        written = reconstruct_files(ns.checkpoint, ns.images, ns.out, use_ema=ns.ema, overwrite=ns.force)
+    except OutputExistsError as exc:
+        print(f"xqgan-run reconstruct: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for path in written:
         print(path)
     return EXIT_OK
@@ -181,8 +201,8 @@ def _eval(args: list[str]) -> int:
     p = _Parser(prog="xqgan-run eval")
     p.add_argument("checkpoint", help="checkpoint folder or its model.safetensors")
     p.add_argument("--data", required=True, help="folder of images (flat or class sub-folders)")
-    p.add_argument("--max-images", type=int, default=0, help="0 = all")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=_int_at_least(0), default=0, help="0 = all")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights if present")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(args)

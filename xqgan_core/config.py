@@ -53,11 +53,37 @@ def option(
 
 
 def component(kind: str, *, help: str, default: Any = attrs.NOTHING, many: bool = False) -> Any:  # noqa: A002
-    """A field holding another component's table (``use = "name"`` + its options); ``many`` for an array of tables."""
+    """A field holding another component's table (``use = "name"`` + its options); ``many`` for an array of tables.
+
+    The field always holds a validated ``ComponentSpec`` (or None): a table or a name given when the Config is made
+    in Python (``Config()`` with a ``default={"use": "vq"}``, ``Config(code={"use": "lfq", "bits": 8})``) is
+    validated through the catalog on construction, and a bad one raises ConfigError. Run files are validated by
+    ``validate``, which hands over specs already.
+    """
     meta = {HELP: help, KIND: kind}
     if many:
-        return attrs.field(factory=tuple, metadata=meta)
-    return attrs.field(default=default, metadata=meta)
+        return attrs.field(factory=tuple, metadata=meta, converter=_to_specs(kind))
+    return attrs.field(default=default, metadata=meta, converter=_to_spec(kind))
+
+
+def _to_spec(kind: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if value is None or isinstance(value, ComponentSpec):
+            return value
+        return validate_component(kind, value)
+
+    return convert
+
+
+def _to_specs(kind: str) -> Callable[[Any], Any]:
+    one = _to_spec(kind)
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError([f"{kind}: expected an array of {kind} tables, got {_describe(value)}"])
+        return tuple(one(item) for item in value)
+
+    return convert
 
 
 def section(cls: type, *, help: str) -> Any:  # noqa: A002

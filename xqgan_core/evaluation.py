@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -11,10 +13,29 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .metrics import CodebookUsage, MetricAverager, psnr, ssim
+from .metrics import CodebookUsage, MetricAverager, bicubic_thumbnail, psnr, ssim
 from .model import TokenizerModel
 
+T = TypeVar("T")
 
+
+def _leaves_global_rng_alone(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` on forked RNG states (CPU and ``device``'s), so that evaluating in the middle of a run changes
+    nothing in the training run's random stream: a resumed run stays bit-identical whatever was evaluated."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, dataset: Any, device: Any, *args: Any, **kwargs: Any) -> T:
+        dev = device.torch_device
+        # the accelerator's generator too, where its torch module exposes one (cuda; hpu with its plugin)
+        forkable = hasattr(getattr(torch, dev.type, None), "get_rng_state") and dev.type != "cpu"
+        accelerator = [dev.index or 0] if forkable else []
+        with torch.random.fork_rng(devices=accelerator, device_type=dev.type if forkable else "cuda"):
+            return fn(model, dataset, device, *args, **kwargs)
+
+    return wrapper
+
+
+@_leaves_global_rng_alone
 @torch.no_grad()
 def evaluate(
     model: TokenizerModel,
@@ -32,7 +53,9 @@ def evaluate(
     model.eval()
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+    # its own generator: creating the iterator would otherwise draw a seed from the global (training) RNG
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         generator=torch.Generator().manual_seed(0))
     averages = MetricAverager()
     usage: CodebookUsage | None = None
     group_names: list[str] = []
@@ -43,14 +66,20 @@ def evaluate(
         recon, quant = model(x)
         recon = recon.float().clamp(-1, 1)
         values = {"psnr": psnr(recon, x), "ssim": ssim(recon, x)}
+        # baseline: a thumbnail at the token grid's size (the quantizer's input map, as the model ran it)
+        thumbnail = bicubic_thumbnail(x, tuple(quant.z_q.shape[-2:]))
+        values["thumbnail/psnr"] = psnr(thumbnail, x)
+        values["thumbnail/ssim"] = ssim(thumbnail, x)
         if perceptual is not None:
             values["lpips"] = perceptual(recon, x)
         averages.update(values)
-        groups = model.quantizer.codebook_groups(quant.indices)
+        # indices are read through the quantizer's token layout: one histogram per codebook it names
+        layout = model.quantizer.token_layout(*quant.z_q.shape[-2:])
+        groups = layout.codebook_tokens(layout.to_sequence(quant.indices))
         if usage is None:
             group_names = list(groups)
-            usage = CodebookUsage([model.quantizer.codebook_size] * len(groups) if len(groups) > 1
-                                  else model.quantizer.codebook_size)
+            sizes = layout.codebook_sizes
+            usage = CodebookUsage([sizes[g] for g in group_names] if len(groups) > 1 else sizes[group_names[0]])
         usage.update(list(groups.values()) if len(groups) > 1 else groups[group_names[0]])
         if sum(o.shape[0] for o in originals) < grid_images:
             originals.append(x.cpu())

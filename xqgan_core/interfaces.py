@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .catalog import KINDS
+from .token_layout import TokenLayout
 
 Indices = Tensor | list[Tensor]
 
@@ -48,6 +49,12 @@ class Encoder(Component, nn.Module):
     out_dim: int
     downsample: int
 
+    @classmethod
+    def config_downsample(cls, config: Any) -> int | None:
+        """The ``downsample`` factor an encoder built from ``config`` will have, without building it (checked against
+        ``data.resolution`` when a run file is validated); None when it cannot be told from the config."""
+        return None
+
 
 class Decoder(Component, nn.Module):
     """``forward(latents (B, in_dim, h, w)) -> images (B,3,h*upsample,w*upsample)``."""
@@ -69,7 +76,10 @@ class QuantOut:
     indices: (B, h, w) long for a single-level quantizer; (B, levels, h, w) for residual ones; a list of
         (B, s, s) per scale for multi-scale ones; product quantizers stack branches as the first index dim.
     losses: named scalar losses (already weighted by the quantizer's own coefficients), summed by the engine.
-    stats: named diagnostics (perplexity, utilization, ...), detached floats or tensors.
+    stats: named diagnostics (perplexity, utilization, ...) as detached 0-d tensors on the latent's device, never
+        Python floats: making a float waits for the device, and the trainer reads every stat in the step's one
+        host sync.
+    Code outside the quantizer reads ``indices`` through ``Quantizer.token_layout`` (``to_sequence``).
     """
 
     z_q: Tensor
@@ -86,26 +96,37 @@ class QuantOut:
 
 
 class Quantizer(Component, nn.Module):
-    """``forward(z (B, dim, h, w)) -> QuantOut``, and the two directions between codes and indices."""
+    """``forward(z (B, dim, h, w)) -> QuantOut``, the two directions between codes and indices, and the token layout.
+
+    Quantizers with ``num_levels > 1`` subclass ``xqgan_core.multilevel.MultiLevelQuantizer``: ``forward(z, keep=None)``
+    with ``keep`` an int or a (B,) tensor of levels each sample keeps (quantizer dropout).
+    """
 
     kind = "quantizer"
     dim: int
     codebook_size: int
-    #: levels (residual depth or number of scales); quantizers with more than one accept
-    #: ``forward(z, levels=...)``: a (B,) tensor of how many levels each sample keeps (quantizer dropout)
+    #: levels (residual depth or number of scales); see ``MultiLevelQuantizer`` for ``forward(z, keep=...)``
     num_levels: int = 1
+
+    @classmethod
+    def config_dim(cls, config: Any) -> int | None:
+        """The channels of the latent a quantizer built from ``config`` expects (its ``dim``), without building it;
+        None when the config does not say. Wrappers derive it from their nested quantizers (validate-time checks)."""
+        dim = getattr(config, "dim", None)
+        return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+    def token_layout(self, h: int, w: int) -> TokenLayout:
+        """How ``forward(z).indices`` for an ``(h, w)`` latent become a ``(B, L, K)`` token sequence and back.
+
+        Default: one index per position of one codebook (``L = h * w``, ``K = 1``); quantizers with several levels,
+        branches or scales override it."""
+        if self.num_levels != 1:
+            raise NotImplementedError(f"{type(self).__name__} has {self.num_levels} levels: it must define token_layout")
+        return TokenLayout.single((h, w), int(self.codebook_size))
 
     def indices_to_codes(self, indices: Indices) -> Tensor:
         """Indices as returned in ``QuantOut.indices`` -> quantized latents (B, dim, h, w)."""
         raise NotImplementedError
-
-    def codebook_groups(self, indices: Indices) -> dict[str, Tensor]:
-        """Indices split by the codebook they index, for codebook-health metrics: ``{"": all}`` for one codebook;
-        quantizers with several codebooks (product branches, separate residual levels) return one entry each,
-        named like ``branch1`` or ``branch0/level2``."""
-        if isinstance(indices, (list, tuple)):
-            return {"": torch.cat([i.flatten() for i in indices])}
-        return {"": indices}
 
     def codebook_rows(self) -> Tensor | None:
         """The learned codebook as a ``(codebook_size, dim)`` tensor (with its gradient), or None when the codes are

@@ -1,4 +1,5 @@
-"""GAN losses, the adaptive generator weight, and the discriminator regularisers (LeCam, R1)."""
+"""GAN losses (the discriminator's and the adversarial term the tokenizer minimises), the adaptive adversarial
+weight, and the discriminator regularisers (LeCam, R1)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .distributed import mean_over_ranks
 
 
 def discriminator_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
@@ -19,8 +22,8 @@ def discriminator_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
     raise ValueError(f"unknown GAN loss {kind!r}")
 
 
-def generator_loss(kind: str, fake: Tensor) -> Tensor:
-    """Adversarial loss the generator (decoder) minimises."""
+def adversarial_loss(kind: str, fake: Tensor) -> Tensor:
+    """Adversarial loss the tokenizer (its decoder, fooling the discriminator) minimises; ``fake`` are logits."""
     if kind == "hinge":
         return -fake.mean()
     if kind == "vanilla":
@@ -61,12 +64,10 @@ class LeCam(nn.Module):
 
     def forward(self, real: Tensor, fake: Tensor) -> Tensor:
         with torch.no_grad():
-            r, f = real.float().mean(), fake.float().mean()
-            if not bool(self.initialised):
-                self.ema_real.copy_(r)
-                self.ema_fake.copy_(f)
-                self.initialised.fill_(True)
-            else:
-                self.ema_real.lerp_(r, 1 - self.decay)
-                self.ema_fake.lerp_(f, 1 - self.decay)
+            # the anchors follow the global batch: the same on every rank of a distributed run
+            r, f = mean_over_ranks(torch.stack([real.float().mean(), fake.float().mean()]))
+            # the first call sets the anchors, later ones move them; chosen on the device (no host sync)
+            self.ema_real.copy_(torch.where(self.initialised, self.ema_real.lerp(r, 1 - self.decay), r))
+            self.ema_fake.copy_(torch.where(self.initialised, self.ema_fake.lerp(f, 1 - self.decay), f))
+            self.initialised.fill_(True)
         return F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()

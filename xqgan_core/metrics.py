@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "CodebookUsage", "MetricAverager"]
+__all__ = ["psnr", "ssim", "bicubic_thumbnail", "CodebookUsage", "MetricAverager"]
 
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
+#: The smallest image side ``ssim`` accepts (its window); run files are checked against it when validated.
+SSIM_MIN_SIZE = _SSIM_WINDOW
 
 
 def _to_unit(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor]:
@@ -78,15 +80,32 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     return (num / den).mean(dim=(1, 2, 3))
 
 
+@torch.no_grad()
+def bicubic_thumbnail(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """The baseline a tokenizer has to beat: ``images`` shrunk to ``size`` and enlarged back, clamped to [-1, 1].
+
+    Shrinking is antialiased bicubic, enlarging plain bicubic. At the token grid's size this is what a user gets
+    without any learning: a 16x16 RGB thumbnail (6144 bits at 8 bits per value) against, e.g., 256 tokens of a
+    512-entry codebook (2304 bits). Scored with ``psnr``/``ssim`` it is the "thumbnail/..." line of evaluation.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"bicubic_thumbnail: expected images (B, C, H, W), got shape {tuple(images.shape)}")
+    x = images.detach().float()
+    small = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 class CodebookUsage:
     """Histogram of code indices over an evaluation pass -> utilization and perplexity.
 
-    ``update`` takes what a quantizer returns in ``QuantOut.indices``:
+    ``update`` takes the indices of each codebook:
 
-    * one integer tensor of any shape: one codebook (a residual quantizer's (B, levels, h, w) tensor counts as
-      one shared codebook; pass ``list(indices.unbind(1))`` if each level has its own codebook);
-    * a list of tensors: one codebook per element ("level"). For a multi-scale quantizer whose scales share a
-      codebook, concatenate first: ``torch.cat([i.flatten() for i in indices])``.
+    * one integer tensor of any shape: one codebook;
+    * a list of tensors: one codebook per element ("level").
+
+    Split a quantizer's indices by codebook through its token layout rather than by their shape (a (B, 2, h, w)
+    tensor may be 2 product branches or 2 residual levels): ``layout = quantizer.token_layout(h, w)``, then
+    ``layout.codebook_tokens(layout.to_sequence(indices))`` (name -> indices) and ``layout.codebook_sizes``.
 
     ``codebook_size`` is an int (every level), a sequence with one entry per level, or None. A level whose size
     is unknown still gets a perplexity, but no utilization (a fraction of an unknown total is meaningless).

@@ -1,8 +1,9 @@
-"""Learning-rate schedule (linear warm-up, cosine decay) and an EMA of model weights."""
+"""Learning-rate schedule (linear warm-up, cosine decay), an EMA of model weights and gradient clipping."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,3 +47,14 @@ class EMA:
     def copy_to(self, module: nn.Module) -> None:
         own = module.state_dict()
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
+
+
+def clip_gradients(params: Any, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` (when > 0) and return the total gradient norm before clipping, as a 0-d tensor (no host
+    sync: the caller reads it back with the step's other values)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).float()
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))

@@ -1,16 +1,22 @@
-"""LPIPS (VGG16 trunk) for the perceptual loss and the LPIPS metric, loaded without any network access.
+"""LPIPS (VGG16 trunk) for the perceptual loss and the LPIPS metric.
 
-The ``lpips`` package ships its calibrated linear heads, but its VGG16 trunk normally comes from torchvision's
-ImageNet download, which our machines cannot reach. So the trunk is built randomly initialised
-(``pnet_rand=True``: torchvision constructs ``vgg16`` without weights, nothing is fetched) and then filled from a
-local torchvision VGG16 state dict: the run file's ``loss.lpips_weights``, else the torch hub cache file. Without
-either, ``load_lpips`` returns None and says once how to switch LPIPS on.
+The ``lpips`` package ships its calibrated linear heads; its VGG16 trunk is torchvision's ImageNet file. The trunk
+is built randomly initialised (``pnet_rand=True``: torchvision constructs ``vgg16`` without weights, so lpips
+itself never downloads) and then filled from a local torchvision VGG16 state dict: the run file's
+``loss.lpips_weights``, else the torch hub cache file. When the cache file is missing and the machine is online,
+it is downloaded the way torchvision does (into the hub cache, SHA-256 prefix checked, moved into place only when
+complete). Offline (no network, or ``XQGAN_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``, which skip the attempt so tests never
+wait on a network timeout) ``load_lpips`` returns None and says once how to switch LPIPS on, unless the caller
+requires it (``loss.require_perceptual``): then it raises, saying where the file goes.
 
 Importing this module does not import ``lpips`` or torchvision; that happens on the first ``load_lpips``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -22,11 +28,27 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError
 
-__all__ = ["VGG16_FILE", "VGG16_URL", "hub_cache_path", "load_lpips", "Perceptual"]
+__all__ = [
+    "VGG16_FILE",
+    "VGG16_SHA256_PREFIX",
+    "VGG16_URL",
+    "download_vgg16",
+    "hub_cache_path",
+    "is_offline",
+    "load_lpips",
+    "Perceptual",
+]
 
 #: torchvision's ImageNet VGG16 checkpoint (``VGG16_Weights.IMAGENET1K_V1``), the trunk LPIPS was calibrated on.
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+#: torchvision's convention: the file name carries the first hex digits of the file's SHA-256.
+VGG16_SHA256_PREFIX = "397923af"
+
+#: Environment switches that mean "never try the network" (ours, and the Hugging Face one our tests already set).
+OFFLINE_VARIABLES = ("XQGAN_OFFLINE", "HF_HUB_OFFLINE")
+#: Seconds a stalled connection may block before the download is given up (the run then continues without LPIPS).
+DOWNLOAD_TIMEOUT_S = 30.0
 
 _LAYOUT = "does not match the torchvision VGG16 layout (features.* / classifier.* keys, or features only)"
 
@@ -39,16 +61,54 @@ def hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def _warn_missing() -> None:
+def is_offline() -> bool:
+    """True when ``XQGAN_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (1, true, yes, on)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
+
+
+def download_vgg16(destination: Path, url: str = VGG16_URL, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch the VGG16 file to ``destination`` as torchvision does: a partial file, SHA-256 prefix checked, then moved.
+
+    Raises OSError (no network, HTTP error, timeout) or RuntimeError (hash mismatch; nothing is left behind).
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # torch.hub's urlopen has no timeout of its own
+    try:
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=VGG16_SHA256_PREFIX, progress=sys.stderr.isatty())
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _fetch_into_cache(path: Path) -> str | None:
+    """Try to download the VGG16 file to ``path``; None on success, else why it is not there."""
+    if is_offline():
+        names = " / ".join(f"{n}=1" for n in OFFLINE_VARIABLES)
+        return f"not downloaded: offline mode ({names})"
+    print(f"Downloading the LPIPS VGG16 backbone {VGG16_URL} to {path}", file=sys.stderr)
+    try:
+        download_vgg16(path, VGG16_URL)  # looked up at call time (tests point it at a local file)
+    except (OSError, RuntimeError) as exc:  # URLError and timeouts are OSErrors; a hash mismatch a RuntimeError
+        return f"download from {VGG16_URL} failed: {exc}"
+    return None
+
+
+def _where_it_goes() -> str:
+    return (
+        f"get torchvision's ImageNet VGG16 file '{VGG16_FILE}' ({VGG16_URL}) and either "
+        f'set `lpips_weights = "/path/to/{VGG16_FILE}"` in the [loss] table of the run file (key loss.lpips_weights), '
+        f"or put it at {hub_cache_path()} (the torch hub cache; set TORCH_HOME to move it)"
+    )
+
+
+def _warn_missing(reason: str) -> None:
     global _missing_warned
     if _missing_warned:
         return
     _missing_warned = True
     warnings.warn(
-        "LPIPS backbone weights not found: the perceptual loss and the LPIPS metric are switched off. "
-        f"To switch them on, get torchvision's ImageNet VGG16 file '{VGG16_FILE}' ({VGG16_URL}) and either "
-        f'set `lpips_weights = "/path/to/{VGG16_FILE}"` in the [loss] table of the run file (key loss.lpips_weights), '
-        f"or put it at {hub_cache_path()} (the torch hub cache; set TORCH_HOME to move it).",
+        f"LPIPS backbone weights not found ({reason}): the perceptual loss and the LPIPS metric are switched off. "
+        f"To switch them on, {_where_it_goes()}.",
         UserWarning,
         stacklevel=3,
     )
@@ -114,13 +174,14 @@ def _build_lpips() -> nn.Module:
         return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
 
 
-def load_lpips(weights_path: str | Path | None, device: Any = "cpu") -> nn.Module | None:
+def load_lpips(weights_path: str | Path | None, device: Any = "cpu", required: bool = False) -> nn.Module | None:
     """The frozen ``lpips.LPIPS`` VGG module with its trunk loaded from a local file, or None if there is none.
 
     Looks in order at ``weights_path`` (a torchvision vgg16 state dict, whole model or ``features`` only;
-    ``.safetensors`` or a torch file read with ``weights_only=True``), then at ``hub_cache_path()``. A configured
-    ``weights_path`` that does not exist is an error rather than a silent fallback. ``device`` is a torch device,
-    a string, or an xqgan ``Device`` component.
+    ``.safetensors`` or a torch file read with ``weights_only=True``), then at ``hub_cache_path()``, downloading it
+    there when online. A configured ``weights_path`` that does not exist is an error rather than a silent fallback.
+    Without any file: one warning and None, or, with ``required`` (``loss.require_perceptual``), a CheckpointError
+    that says where the file goes. ``device`` is a torch device, a string, or an xqgan ``Device`` component.
 
     Raises CheckpointError if the file cannot be read safely or does not match the VGG16 layout.
     """
@@ -130,8 +191,14 @@ def load_lpips(weights_path: str | Path | None, device: Any = "cpu") -> nn.Modul
             raise CheckpointError(f"{path}: LPIPS backbone file (loss.lpips_weights) not found")
     else:
         path = hub_cache_path()
-        if not path.is_file():
-            _warn_missing()
+        reason = None if path.is_file() else _fetch_into_cache(path)
+        if reason is not None:
+            if required:
+                raise CheckpointError(
+                    f"loss.require_perceptual = true, but the LPIPS VGG16 backbone file is missing ({reason}). "
+                    f"Before training, {_where_it_goes()}."
+                )
+            _warn_missing(reason)
             return None
 
     features = _features_only(_read_state_dict(path), path)

@@ -13,7 +13,6 @@ Importing this module imports torch.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
@@ -127,25 +126,48 @@ def nearest_code(
     return out
 
 
-def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
+#: codebooks up to this size are counted with one dense histogram; larger ones (2^36-code LFQ) by sorting the indices
+DENSE_USAGE_MAX = 2**20
+
+
+def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Usage of a codebook by one batch of indices (any shape, values in ``[0, codebook_size)``).
 
     ``perplexity``: exp of the entropy of the code histogram (1 = one code used, ``codebook_size`` = uniform);
-    ``utilization``: % of the codebook's entries hit at least once (0-100, as in evaluation). Both are batch-local (no all-reduce)
-    and are 0.0 for an empty batch. Returns Python floats (this synchronises with the device).
+    ``utilization``: % of the codebook's entries hit at least once (0-100, as in evaluation). Both are batch-local
+    (no all-reduce), 0 for an empty batch, and detached fp32 0-d tensors on the indices' device: nothing here waits
+    for the device (no ``.item()``), so a quantizer's forward stays free of host syncs. Memory is
+    O(codebook_size) up to ``DENSE_USAGE_MAX`` entries, O(tokens) above. An index outside ``[0, codebook_size)``
+    is refused (ValueError on CPU; checking values up front would cost a sync).
     """
     flat = indices.detach().reshape(-1).long()
     if flat.numel() == 0:
-        return {"perplexity": 0.0, "utilization": 0.0}
-    counts = torch.bincount(flat, minlength=codebook_size).double()
-    if counts.numel() > codebook_size:
-        raise ValueError(f"index {int(flat.max())} out of range for a codebook of {codebook_size} entries")
-    probs = counts[counts > 0] / counts.sum()
-    entropy = -(probs * probs.log()).sum()
+        zero = torch.zeros((), device=flat.device)
+        return {"perplexity": zero, "utilization": zero.clone()}
+    if codebook_size <= DENSE_USAGE_MAX:
+        try:  # an index outside the codebook raises on CPU (a device-side assert on CUDA)
+            counts = torch.zeros(codebook_size, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        except IndexError:
+            raise ValueError(f"an index is out of range for a codebook of {codebook_size} entries") from None
+    else:
+        counts = _sorted_run_lengths(flat)
+    total = counts.sum()
+    probs = counts / total
+    entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum()  # 0 log 0 = 0
     return {
-        "perplexity": float(math.exp(float(entropy))),
-        "utilization": 100.0 * float(probs.numel()) / codebook_size,
+        "perplexity": entropy.exp(),
+        "utilization": (counts > 0).sum().float() * (100.0 / codebook_size),
     }
+
+
+def _sorted_run_lengths(flat: Tensor) -> Tensor:
+    """How often each distinct value of ``flat`` occurs, in a tensor of ``flat``'s length padded with zeros: static
+    shapes only (no ``unique``, whose output size needs a host sync)."""
+    values = flat.sort().values
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[1:] = values[1:] != values[:-1]
+    run = starts.long().cumsum(0) - 1  # the run (distinct value) each element belongs to
+    return torch.zeros(values.numel(), device=flat.device).index_add_(0, run, torch.ones_like(run, dtype=torch.float32))
 
 
 def commitment_losses(z: Tensor, z_q: Tensor, beta: float) -> dict[str, Tensor]:
@@ -202,15 +224,24 @@ def mean_losses(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def nested_stats(parts: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
-    """Part i's stats under ``{prefix}{i}/``, plus the mean over parts of each top-level numeric stat."""
+    """Part i's stats under ``{prefix}{i}/``, plus the mean over parts of each top-level numeric stat.
+
+    The means stay tensors (0-d, detached) when the parts' stats are: no host sync."""
     out: dict[str, Any] = {}
-    values: dict[str, list[float]] = {}
+    values: dict[str, list[Any]] = {}
     for i, part in enumerate(parts):
         for key, value in part.items():
             out[f"{prefix}{i}/{key}"] = value
             if "/" not in key and _is_scalar(value):
-                values.setdefault(key, []).append(float(value))
-    return {**{key: sum(v) / len(v) for key, v in values.items()}, **out}
+                values.setdefault(key, []).append(value.detach().reshape(()) if isinstance(value, Tensor) else value)
+    return {**{key: _mean(v) for key, v in values.items()}, **out}
+
+
+def _mean(values: list[Any]) -> Any:
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
 
 
 def _is_scalar(value: Any) -> bool:

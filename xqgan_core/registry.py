@@ -18,6 +18,7 @@ from typing import Any
 from .catalog import Catalog, catalog
 from .config import ComponentSpec, to_plain, validate, validate_component
 from .errors import ConfigError
+from .run_checks import cross_table_problems, nesting_problems, not_implemented_tables
 from .runfile import RunConfig
 from .tomlwrite import dumps as toml_dumps
 
@@ -39,13 +40,21 @@ class Registry:
     def from_toml(cls, path: str | Path, overrides: Iterable[str] = (), cat: Catalog | None = None) -> Registry:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError([f"cannot read run file: {exc.strerror or exc}"], source=str(path)) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start : exc.start + 1].hex()
+            problem = f"not UTF-8 text: byte 0x{bad} at byte position {exc.start} cannot be decoded; save it as UTF-8"
+            raise ConfigError([problem], source=str(path)) from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"not valid TOML: {exc}"], source=str(path)) from None
+        except RecursionError:  # the parser recurses per nested array / inline table
+            raise ConfigError(["tables / arrays nested too deeply to parse"], source=str(path)) from None
         return cls.from_dict(data, overrides=overrides, source=str(path), cat=cat)
 
     @classmethod
@@ -56,8 +65,16 @@ class Registry:
         source: str | None = None,
         cat: Catalog | None = None,
     ) -> Registry:
+        problems = nesting_problems(data)  # before anything walks it recursively (the copy for overrides does)
+        if problems:
+            raise ConfigError(problems, source=source)
         data = apply_overrides(data, overrides, source)
+        problems = nesting_problems(data) + not_implemented_tables(data)
+        if problems:
+            raise ConfigError(problems, source=source)
         cfg, problems = validate(RunConfig, data, "", cat or catalog())
+        if not problems:
+            problems = cross_table_problems(cfg)
         if problems:
             raise ConfigError(problems, source=source)
         return cls(cfg, source)
@@ -133,6 +150,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str], source: s
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # bare words such as `vq` are taken as strings
+        except RecursionError:
+            problems.append(f"--set {key.strip()}=...: the value is nested too deeply to parse")
+            continue
         err = _set_path(out, key.strip().split("."), value)
         if err:
             problems.append(f"--set {item!r}: {err}")
@@ -153,7 +173,8 @@ def _set_path(root: dict[str, Any], parts: list[str], value: Any) -> str | None:
             if last:
                 node[name] = value
                 return None
-            node = node.setdefault(name, {})
+            node[name] = _as_table(node.get(name, {}))
+            node = node[name]
             if not isinstance(node, dict):
                 return f"'{name}' is not a table"
         else:
@@ -164,8 +185,17 @@ def _set_path(root: dict[str, Any], parts: list[str], value: Any) -> str | None:
             if last:
                 arr[i] = value
                 return None
+            arr[i] = _as_table(arr[i])
             node = arr[i]
+            if not isinstance(node, dict):
+                return f"'{name}[{i}]' is not a table"
     return None
+
+
+def _as_table(node: Any) -> Any:
+    """A component written in short form (``quantizer = "vq"``, ``discriminators = ["patchgan"]``) as its table,
+    so options can be set inside it; anything else unchanged."""
+    return {"use": node} if isinstance(node, str) else node
 
 
 def _version(dist: str) -> str:

@@ -6,14 +6,30 @@ component's own Config; the engine-level tables (``[run]``, ``[train]``, ``[loss
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from .config import ComponentSpec, at_least, between, component, config, non_empty, option, positive, section
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _run_name(_inst: Any, _attr: Any, value: str) -> None:
+    # run.name becomes a folder name inside run.out_dir: it must not climb out of it ("../x", "/abs", "a/b")
+    if not _RUN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"must be a simple name (letters, digits, '.', '_', '-'; not starting with '.', no '/' or '..'), got "
+            f"{value!r}: it becomes a folder name in run.out_dir. To write elsewhere, set run.out_dir instead"
+        )
+
+
 @config
 class RunSection:
-    name: str = option("xqgan", help="Run name; used in the output folder and reports.", validator=non_empty())
+    name: str = option(
+        "xqgan", help="Run name (letters, digits, '.', '_', '-'); used in the output folder and reports.",
+        validator=_run_name,
+    )
     out_dir: str = option(
         "runs/{name}",
         help="Folder for checkpoints, metrics, TensorBoard logs and image grids; '{name}' is replaced by run.name. "
@@ -54,6 +70,12 @@ class TrainSection:
     max_bad_steps: int = option(
         20, help="Stop the run after this many consecutive steps with a NaN/inf loss.", validator=positive()
     )
+    dist_timeout_s: float = option(
+        1800.0,
+        help="torchrun runs: a rank waiting longer than this (seconds) for the others in a collective fails with an "
+        "error instead of hanging (a peer died or is stuck); raise it if evaluation on rank 0 takes longer",
+        validator=positive(),
+    )
     init_from: str = option(
         "",
         help="fine-tuning: start from this checkpoint's tokenizer weights (a checkpoint folder or a run's out_dir, "
@@ -75,6 +97,11 @@ class LossSection:
     lpips_weights: str = option(
         "",
         help="Local file with the LPIPS VGG16 backbone state dict (torchvision layout); empty = the torch hub cache.",
+    )
+    require_perceptual: bool = option(
+        False,
+        help="Stop before training when the LPIPS VGG16 file is missing (and cannot be downloaded) instead of "
+        "training without the perceptual loss (the GPU presets set it).",
     )
     adversarial: float = option(0.5, help="Weight of the generator's adversarial loss.", validator=at_least(0))
     disc_start: int = option(2000, help="Step at which the discriminator and adversarial loss switch on.", validator=at_least(0))

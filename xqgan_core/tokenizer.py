@@ -4,6 +4,8 @@
 >>> x = tok.preprocess("photo.jpg").unsqueeze(0)              # (1, 3, R, R) in [-1, 1], R = the run's resolution
 >>> indices = tok.encode(x)                                   # e.g. (1, R/8, R/8) int64 for the vq quantizer
 >>> images = tok.decode(indices)                              # (1, 3, R, R) in [-1, 1]
+>>> seq = tok.encode(x, as_sequence=True)                     # (1, L, K) tokens, laid out by tok.token_layout
+>>> images = tok.decode(seq, as_sequence=True)
 
 The model is rebuilt from the checkpoint's own ``run.toml`` (the resolved run file), so the architecture always
 matches what was trained; only the tables the tokenizer needs are validated (encoder, quantizer, decoder,
@@ -24,11 +26,12 @@ from PIL import Image
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from .data import ImageReadError, as_rgb, load_rgb, render, square_box, to_tensor
 from .devices import auto_device
-from .errors import CheckpointError, ConfigError, XQGanError
+from .errors import CheckpointError, ConfigError, ImageReadError, XQGanError
 from .evaluation import evaluate
+from .images import DEFAULT_MAX_PIXELS, as_rgb, load_rgb, render, square_box, to_tensor
 from .interfaces import Device, Indices
+from .token_layout import TokenLayout
 from .model import TokenizerModel
 from .perceptual import Perceptual, load_lpips
 from .registry import Registry, build
@@ -38,7 +41,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Tokenizer", "reconstruct_files", "evaluate_folder"]
+__all__ = ["Tokenizer", "reconstruct_files", "evaluate_folder", "OutputExistsError"]
 
 # Run-file tables that only matter while training; left out so inference does not need their plugins.
 _TRAINING_ONLY = ("device", "data", "discriminators", "aligners", "hooks", "generator")
@@ -56,6 +59,7 @@ class Tokenizer:
         checkpoint: Path | None = None,
         weights: Path | None = None,
         registry: Registry | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.model = model.eval().to(device.torch_device)
         self.device = device
@@ -63,6 +67,7 @@ class Tokenizer:
         self.checkpoint = checkpoint  # the checkpoint folder it came from (None if built directly)
         self.weights = weights  # the weight file actually loaded: ema.safetensors or model.safetensors
         self.registry = registry  # the checkpoint's run file (tokenizer tables only)
+        self.max_pixels = max_pixels  # image files with more pixels are refused (decompression bombs)
 
     # -- loading -------------------------------------------------------------------------------------------------
     @classmethod
@@ -76,7 +81,11 @@ class Tokenizer:
         best available one. Raises CheckpointError if nothing loadable is there or the weights do not fit the
         run file's architecture, ConfigError/PluginError if the run file names components that are not installed.
         """
-        folder = ckpt.resolve_checkpoint(path)
+        # a run's out_dir: its newest checkpoint that loads (a damaged one is skipped with a warning)
+        return ckpt.load_from(path, lambda folder: cls._from_folder(folder, device, use_ema))
+
+    @classmethod
+    def _from_folder(cls, folder: Path, device: Device | str | torch.device | None, use_ema: bool) -> Tokenizer:
         run_file = folder / ckpt.RUN
         try:
             data = tomllib.loads(run_file.read_text(encoding="utf-8"))
@@ -86,7 +95,9 @@ class Tokenizer:
             raise CheckpointError(
                 f"{folder} is not a tokenizer checkpoint: its run.toml lacks [encoder], [quantizer] or [decoder]"
             )
-        resolution = data.get("data", {}).get("resolution") if isinstance(data.get("data"), Mapping) else None
+        data_table = data.get("data") if isinstance(data.get("data"), Mapping) else {}
+        resolution = data_table.get("resolution")
+        max_pixels = data_table.get("max_pixels")
         kept = {k: v for k, v in data.items() if k not in _TRAINING_ONLY}
         registry = Registry.from_dict(kept, source=str(run_file))
 
@@ -105,6 +116,7 @@ class Tokenizer:
             checkpoint=folder,
             weights=weights,
             registry=registry,
+            max_pixels=max_pixels if _is_int(max_pixels) and max_pixels > 0 else DEFAULT_MAX_PIXELS,
         )
 
     # -- properties ----------------------------------------------------------------------------------------------
@@ -121,15 +133,47 @@ class Tokenizer:
     def torch_device(self) -> torch.device:
         return self.device.torch_device
 
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The token layout of an image at the run's resolution (``encode(..., as_sequence=True)`` gives
+        ``(B, layout.length, layout.tokens_per_step)``). For other sizes: ``layout_for(height, width)``."""
+        if self.resolution is None:
+            raise ValueError("this tokenizer has no run resolution: use layout_for(height, width) with the image size")
+        return self.layout_for(self.resolution, self.resolution)
+
+    def layout_for(self, height: int, width: int) -> TokenLayout:
+        """The token layout of an image of ``height x width`` pixels (multiples of ``downsample``)."""
+        d = self.downsample
+        if height % d or width % d:
+            raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {d}")
+        return self.model.quantizer.token_layout(height // d, width // d)
+
     # -- images <-> indices --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Indices:
-        """Images (B, 3, H, W) in [-1, 1], H and W divisible by ``downsample`` -> indices (on the model's device)."""
-        return self.model.encode(self._check_images(images))
+    def encode(self, images: Tensor, as_sequence: bool = False) -> Indices:
+        """Images (B, 3, H, W) in [-1, 1], H and W divisible by ``downsample`` -> indices (on the model's device).
+
+        ``as_sequence=False``: the quantizer's own index shape (``QuantOut.indices``). ``as_sequence=True``: one
+        ``(B, L, K)`` int64 token sequence, laid out by ``layout_for(H, W)`` (``token_layout`` at the run's
+        resolution): L steps, K tokens per step (product branches, residual levels).
+        """
+        images = self._check_images(images)
+        indices = self.model.encode(images)
+        if not as_sequence:
+            return indices
+        return self.layout_for(*images.shape[-2:]).to_sequence(indices)
 
     @torch.no_grad()
-    def decode(self, indices: Indices) -> Tensor:
-        """Indices as returned by ``encode`` -> images (B, 3, H, W) clamped to [-1, 1]."""
+    def decode(self, indices: Indices, as_sequence: bool = False, layout: TokenLayout | None = None) -> Tensor:
+        """Indices as returned by ``encode`` -> images (B, 3, H, W) clamped to [-1, 1].
+
+        A ``(B, L, K)`` token sequence is decoded with ``as_sequence=True`` (laid out as ``token_layout``, the
+        run's resolution) or with the ``layout`` it was made with (``layout_for(H, W)``).
+        """
+        if as_sequence or layout is not None:
+            if not isinstance(indices, Tensor):
+                raise ValueError(f"a token sequence is one (B, L, K) tensor, got {type(indices).__name__}")
+            indices = (layout or self.token_layout).from_sequence(indices)
         return self.model.decode(_to(indices, self.torch_device)).float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -149,7 +193,7 @@ class Tokenizer:
         if isinstance(image, Image.Image):
             img = as_rgb(image)
         else:
-            img = load_rgb(image, draft_size=size)
+            img = load_rgb(image, draft_size=size, max_pixels=self.max_pixels)
         if size:
             return render(img, square_box(img.width, img.height), size)
         d = self.downsample
@@ -192,27 +236,34 @@ def reconstruct_files(
     *,
     batch_size: int = 8,
     device: Device | str | torch.device | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Reconstruct image files; for each, write ``<out>/<stem>.png`` (original | reconstruction, side by side)
     and ``<out>/<stem>_recon.png``. Returns the written paths in input order.
 
+    OutputExistsError (before anything is loaded or written) when an output would replace an input image (always)
+    or an existing file (unless ``overwrite``).
+
     Unreadable files are reported on stderr as "path: reason" and skipped; XQGanError if none could be read.
     Colliding stems (``a/x.jpg``, ``b/x.png``) get ``-2``, ``-3``... suffixes instead of overwriting each other.
     """
+    out = Path(out_dir)
+    names = _unique_stems([Path(p).stem for p in images])  # over every input: names do not depend on readability
+    _refuse_clashes(images, [out / f"{n}{suffix}.png" for n in names for suffix in ("", "_recon")], overwrite)
     tok = Tokenizer.from_checkpoint(checkpoint, device=device, use_ema=use_ema)
     loaded: list[tuple[str, Tensor]] = []
-    for path in images:
+    kept: list[str] = []
+    for path, name in zip(images, names):
         try:
             loaded.append((str(path), tok.preprocess(path)))
+            kept.append(name)
         except (ImageReadError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, ImageReadError) else f"{path}: {exc}"
             print(reason, file=sys.stderr)
     if not loaded:
         raise XQGanError(f"none of the {len(images)} image(s) could be read; nothing was written")
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = _unique_stems([Path(p).stem for p, _ in loaded])
     recons: list[Tensor | None] = [None] * len(loaded)
     # batch images of equal size (all of them when the run has a resolution)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -226,7 +277,7 @@ def reconstruct_files(
                 recons[i] = r
 
     written: list[Path] = []
-    for (_, original), recon, name in zip(loaded, recons, names):
+    for (_, original), recon, name in zip(loaded, recons, kept):
         assert recon is not None
         pair = torch.cat([original, recon], dim=2)  # along the width: original | reconstruction
         written.append(_save_png(pair, out / f"{name}.png"))
@@ -261,7 +312,8 @@ def evaluate_folder(
     try:
         # holdout 0: every image is an evaluation image; eval_set() crops the centre and never flips
         source = build("data", {"use": "folder", "package": "xqgan-core", "root": str(data_root),
-                                "resolution": int(size), "holdout": 0.0, "max_images": max_images})
+                                "resolution": int(size), "holdout": 0.0, "max_images": max_images,
+                                "max_pixels": tok.max_pixels})
     except ConfigError as exc:  # about the folder given on the command line, not about a run file
         raise XQGanError(f"cannot evaluate on {data_root}: " + "; ".join(exc.problems)) from None
     dataset = source.eval_set()
@@ -290,10 +342,30 @@ def _as_device(device: Device | str | torch.device | None) -> Device:
     return build("device", name)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _to(indices: Indices, device: torch.device) -> Indices:
     if isinstance(indices, (list, tuple)):
         return type(indices)(_to(i, device) for i in indices)
     return indices.to(device)
+
+
+class OutputExistsError(XQGanError):
+    """An output file of ``reconstruct`` would replace an input image or an existing file."""
+
+
+def _refuse_clashes(images: Sequence[str | Path], targets: list[Path], overwrite: bool) -> None:
+    inputs = {Path(p).resolve() for p in images}
+    replaced_inputs = [t for t in targets if t.resolve() in inputs]
+    existing = [t for t in targets if (t.exists() or t.is_symlink()) and t.resolve() not in inputs]
+    if replaced_inputs or (existing and not overwrite):
+        lines = [f"  {t} (an input image)" for t in replaced_inputs]
+        lines += [f"  {t} (exists)" for t in existing if not overwrite]
+        fix = "choose another --out folder" + ("" if replaced_inputs else " or pass --force to overwrite")
+        raise OutputExistsError(f"reconstruct would overwrite {len(lines)} file(s); {fix}; nothing was written:\n"
+                                + "\n".join(lines))
 
 
 def _unique_stems(stems: list[str]) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import typing
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from typing import Any, ClassVar, Literal
 
@@ -82,7 +84,8 @@ class ComponentContract:
     def test_entry_point_resolves_uniquely_and_imports(self) -> None:
         entry = catalog(refresh=True).resolve(self.kind, self.name, self.package)
         cls = entry.load()
-        assert issubclass(cls, INTERFACES[self.kind]) if self.kind in INTERFACES else True
+        if self.kind in INTERFACES:  # hooks have no interface class
+            assert issubclass(cls, INTERFACES[self.kind]), f"{cls} does not subclass {INTERFACES[self.kind].__name__}"
         assert isinstance(cls.plugin_api, int)
 
     def test_every_option_has_help(self) -> None:
@@ -103,6 +106,8 @@ class ComponentContract:
 
     def test_wrong_types_are_rejected(self) -> None:
         cls = self.spec().cls
+        if not attrs.fields(cls.Config):
+            pytest.skip(f"{self.kind} '{self.name}' has no options")
         hints = typing.get_type_hints(cls.Config)
         checked = 0
         for f in attrs.fields(cls.Config):
@@ -111,7 +116,7 @@ class ComponentContract:
                     validate_component(self.kind, self.table(**{f.name: bad}))
                 assert f"{self.kind}.{f.name}" in str(err.value), f"error for {f.name}={bad!r} does not name the key"
                 checked += 1
-        assert checked or not attrs.fields(cls.Config)
+        assert checked, "no option has a type the kit can probe with wrong values"
 
     def test_describe_lists_every_option(self) -> None:
         from ..cli import main
@@ -170,6 +175,9 @@ class QuantizerContract(ModuleContract):
     straight_through_is_identity: ClassVar[bool] = True
     #: False for residual / multi-scale quantizers, whose z_q is a sum of codes rather than one code
     idempotent: ClassVar[bool] = True
+    #: why a training forward of these options reads values back to the host (e.g. dead-code restarts need the
+    #: count of dead codes); empty: it must not (the forward-reads-nothing-back check)
+    host_reads_in_forward: ClassVar[str] = ""
 
     def example_input(self, module: Any) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -201,7 +209,7 @@ class QuantizerContract(ModuleContract):
         m = self.make()
         rows = m.codebook_rows()
         if rows is None:  # fixed codes (lfq, bsq) or several tables (rq, pq): nothing stored as one table
-            return
+            pytest.skip(f"{self.name}: codebook_rows() is None (fixed codes or several tables), nothing to compare")
         assert isinstance(rows, torch.Tensor) and tuple(rows.shape) == (m.codebook_size, m.dim)
         # the live table, not a copy: wrappers that add rows directly must train it
         assert any(rows is p or rows.data_ptr() == p.data_ptr() for p in m.parameters())
@@ -252,6 +260,101 @@ class QuantizerContract(ModuleContract):
             out = m(self.example_input(m))
             again = m.codes_to_indices(out.z_q)
         assert torch.equal(self._flat_indices(again), self._flat_indices(out.indices))
+
+    # -- token layout, statistics, kept levels ------------------------------------------------------------------
+    def test_token_layout_round_trip(self) -> None:
+        # to_sequence then from_sequence gives the indices back; every column's values fit its vocabulary; L and K
+        # are what the layout says
+        m = self.make().train()  # training indices too: dropped levels still fit the layout
+        x = self.example_input(m)
+        for mode in ("train", "eval"):
+            m.train(mode == "train")
+            with torch.no_grad():
+                indices = m(x).indices
+            layout = m.token_layout(*self.spatial)
+            seq = layout.to_sequence(indices)
+            assert seq.dtype == torch.int64
+            assert tuple(seq.shape) == (self.batch_size, layout.length, layout.tokens_per_step)
+            assert seq.shape[1] * seq.shape[2] == self._flat_indices(indices).numel() // self.batch_size
+            assert len(layout.vocab_sizes) == len(layout.codebooks) == layout.tokens_per_step
+            vocab = torch.tensor(layout.vocab_sizes)
+            assert bool((seq >= 0).all()) and bool((seq < vocab).all()), f"{mode}: a token exceeds its vocabulary"
+            back = layout.from_sequence(seq)
+            assert torch.equal(self._flat_indices(back), self._flat_indices(indices))
+            if isinstance(indices, torch.Tensor):
+                assert back.shape == indices.shape
+            else:
+                assert [tuple(b.shape) for b in back] == [tuple(i.shape) for i in indices]
+        with torch.no_grad():  # decoding from the sequence is decoding the indices
+            out = m.eval()(x)
+            layout = m.token_layout(*self.spatial)
+            again = m.indices_to_codes(layout.from_sequence(layout.to_sequence(out.indices)))
+        torch.testing.assert_close(again, out.z_q, atol=1e-5, rtol=1e-4)
+
+    def test_stats_are_detached_scalar_tensors(self) -> None:
+        # the trainer reads every stat in the step's one host sync: a Python float would have synced already
+        m = self.make().train()
+        out = m(self.example_input(m).requires_grad_(True))
+        if not out.stats:
+            pytest.skip(f"{self.name} reports no stats")
+        for name, value in out.stats.items():
+            assert isinstance(value, torch.Tensor), f"stat {name} is a {type(value).__name__}, not a tensor"
+            assert value.ndim == 0 and not value.requires_grad, f"stat {name} is not a detached 0-d tensor"
+            assert torch.isfinite(value), f"stat {name} is not finite"
+
+    def test_training_forward_reads_nothing_back_from_the_device(self) -> None:
+        # Tensor.item() / float() / int() / bool() in a forward wait for the device (a host sync per call)
+        if self.host_reads_in_forward:
+            pytest.skip(f"{self.name} reads values back by design here: {self.host_reads_in_forward}")
+        m = self.make().train()
+        x = self.example_input(m).requires_grad_(True)
+        for _ in range(2):  # the first forward may set things up
+            with _refusing_host_reads():
+                out = m(x)
+            out.loss.backward()
+
+    def test_keep_every_level_equals_the_default_in_eval(self) -> None:
+        m = self.make().eval()
+        if m.num_levels == 1:
+            pytest.skip(f"{self.name} has one level: there is no keep argument")
+        x = self.example_input(m)
+        with torch.no_grad():
+            full = m(x)
+            every = m(x, keep=m.num_levels)
+            per_sample = m(x, keep=torch.full((self.batch_size,), m.num_levels))
+            first = m(x, keep=1)
+        torch.testing.assert_close(every.z_q, full.z_q)
+        torch.testing.assert_close(per_sample.z_q, full.z_q)
+        assert torch.equal(self._flat_indices(every.indices), self._flat_indices(full.indices))
+        # keeping one level keeps its indices and reports 0 for the others
+        layout = m.token_layout(*self.spatial)
+        first_seq, full_seq = layout.to_sequence(first.indices), layout.to_sequence(full.indices)
+        assert bool(((first_seq == full_seq) | (first_seq == 0)).all())
+        with pytest.raises(ValueError, match="keep"):
+            m(x, keep=torch.ones(self.batch_size + 1, dtype=torch.long))
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def _refusing_host_reads() -> Iterator[None]:
+    """Make every Tensor method that copies a value to Python raise, for the duration of the block."""
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def refuse(name: str) -> Any:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"Tensor.{name}() in a quantizer forward: a host sync on accelerators")
+
+        return read
+
+    try:
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
 
 
 class EncoderContract(ModuleContract):

@@ -22,4 +22,5 @@ def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_torch_home: Path) -> Iterat
     """No model-hub access (a miss fails at once instead of retrying) and an empty TORCH_HOME."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("XQGAN_OFFLINE", "1")  # no LPIPS backbone download attempt
     yield tmp_torch_home

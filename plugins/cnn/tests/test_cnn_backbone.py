@@ -44,6 +44,12 @@ def test_8x_and_16x_latent_sizes_on_64px(mult: list[int], factor: int) -> None:
         assert dec(z).shape == (1, 3, 64, 64)
 
 
+@pytest.mark.parametrize("mult", [[1], [1, 2], [1, 1, 2, 2, 4]])
+def test_config_downsample_matches_the_built_encoder(mult: list[int]) -> None:
+    enc = build("encoder", {"use": "cnn", "channels": 8, "channel_mult": mult, "num_res_blocks": 1, "z_channels": 8})
+    assert type(enc).config_downsample(enc.config) == enc.downsample == 2 ** (len(mult) - 1)
+
+
 def test_encoder_rejects_sizes_not_divisible_by_downsampling() -> None:
     enc, _ = _pair(**TINY)
     with pytest.raises(ValueError, match="not divisible"):

@@ -128,7 +128,7 @@ def test_forward_matches_an_independent_var_implementation(levels: list[int]) ->
     m = make().train()
     z = latents(seed=4)
     lv = torch.tensor(levels)
-    out = m(z, levels=lv)
+    out = m(z, keep=lv)
     f_hat, indices, losses = var_reference(m, z, lv)
     assert all(torch.equal(a, b) for a, b in zip(out.indices, indices))
     torch.testing.assert_close(out.z_q, f_hat)
@@ -159,10 +159,14 @@ def test_token_sequence_round_trip_and_order() -> None:
     m = make(scales=list(PAPER), phi_count=4)
     g = torch.Generator().manual_seed(0)
     indices = [torch.randint(0, 32, (2, s, s), generator=g) for s in PAPER]
-    seq = m.indices_to_token_sequence(indices)
-    assert seq.shape == (2, 286) and seq.dtype == torch.int64
-    back = m.token_sequence_to_indices(seq)
+    layout = m.token_layout(11, 11)
+    assert (layout.length, layout.tokens_per_step, layout.scales) == (286, 1, PAPER) and m.token_count == 286
+    assert layout.codebook_sizes == {"": 32}
+    seq = layout.to_sequence(indices)
+    assert seq.shape == (2, 286, 1) and seq.dtype == torch.int64
+    back = layout.from_sequence(seq)
     assert all(torch.equal(a, b) for a, b in zip(back, indices))
+    seq = seq[..., 0]
     # scale by scale, each map row-major: position 1 is scale 1's only token, 2..5 scale 2's 2x2 map
     assert seq[0, 0] == indices[0][0, 0, 0] and seq[0, 1] == indices[1][0, 0, 0]
     assert seq[0, 2:6].tolist() == indices[2][0].flatten().tolist()
@@ -173,9 +177,11 @@ def test_token_sequence_round_trip_and_order() -> None:
     assert flat.shape == (2, 2, 286)
     assert all(torch.equal(a, b) for a, b in zip(unflatten_scales(flat, PAPER), branched))
     with pytest.raises(ValueError, match="286"):
-        m.token_sequence_to_indices(seq[:, :-1])
-    with pytest.raises(ValueError):
-        m.indices_to_token_sequence(indices[:-1])
+        layout.from_sequence(seq[:, :-1, None])
+    with pytest.raises(ValueError, match="token layout"):
+        layout.to_sequence(indices[:-1])
+    with pytest.raises(ValueError, match="11x11"):
+        m.token_layout(8, 8)
 
 
 def test_raw_codes_keep_their_learned_length() -> None:
@@ -192,12 +198,12 @@ def test_raw_codes_keep_their_learned_length() -> None:
         torch.testing.assert_close(m.indices_to_codes(before.indices), before.z_q * factor)
 
 
-def test_indices_to_codes_masks_dropped_scales_with_levels() -> None:
+def test_indices_to_codes_masks_dropped_scales_with_keep() -> None:
     m = make(dropout={"rate": 1.0, "min_levels": 1}).train()
     z = latents(b=8, seed=2)
     torch.manual_seed(5)
-    levels = m.draw_levels(8, z.device)
-    out = m(z, levels=levels)
+    levels = m.draw_keep(8, z.device)
+    out = m(z, keep=levels)
     with torch.no_grad():
         torch.testing.assert_close(m.indices_to_codes(out.indices, levels), out.z_q)
         full = m.eval()(z)
@@ -206,18 +212,18 @@ def test_indices_to_codes_masks_dropped_scales_with_levels() -> None:
         kept = levels > k
         assert torch.equal(idx[kept], eval_idx[kept])
         assert (idx[~kept] == 0).all()
-    with pytest.raises(ValueError, match=r"\(B,\)"):
-        m(z, levels=torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="keep must be"):
+        m(z, keep=torch.ones(3, dtype=torch.long))
 
 
 def test_dropout_keeps_at_least_min_levels_and_is_off_in_eval() -> None:
     m = make(scales=list(PAPER), phi_count=4, dropout={"rate": 0.5, "min_levels": 3})
     torch.manual_seed(0)
-    drawn = m.train().draw_levels(4000, torch.device("cpu"))
+    drawn = m.train().draw_keep(4000, torch.device("cpu"))
     assert drawn.min() == 3 and drawn.max() == 10
     assert set(drawn.tolist()) == set(range(3, 11))
     assert 0.4 < (drawn < 10).float().mean() < 0.5  # about rate * 7/8 of the samples drop at least one scale
-    assert (m.eval().draw_levels(4000, torch.device("cpu")) == 10).all()
+    assert (m.eval().draw_keep(4000, torch.device("cpu")) == 10).all()
     small = make(dropout={"rate": 1.0, "min_levels": 2}).eval()
     z = latents()
     with torch.no_grad():
@@ -245,7 +251,7 @@ def test_scale_whose_samples_all_dropped_adds_zero_loss() -> None:
     m = make().train()
     z = latents()
     ones = torch.ones(3, dtype=torch.long)
-    out = m(z, levels=ones)
+    out = m(z, keep=ones)
     _, _, ref = var_reference(m, z, ones)
     assert not torch.isfinite(ref["codebook"][1])  # the plain masked mean divides 0 by 0 there
     for name in ("codebook", "commitment"):
@@ -314,7 +320,7 @@ def test_stats_overall_and_per_scale() -> None:
         assert out.stats[f"scale{k}/perplexity"] >= 1
     assert out.stats["scale0/utilization"] <= 100 * 3 / 32  # 3 samples x 1 token
     assert out.stats["utilization"] >= max(out.stats[f"scale{k}/utilization"] for k in range(3))
-    assert all(isinstance(v, float) for v in out.stats.values())
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in out.stats.values())
 
 
 def test_bf16_input_gives_bf16_codes_from_fp32_work() -> None:

@@ -66,8 +66,8 @@ def test_wrong_inputs_are_rejected() -> None:
     pq = make_pq()
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
         pq(latents(c=4))
-    with pytest.raises(ValueError, match="levels is only accepted"):
-        pq(latents(), levels=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="keep is only accepted"):
+        pq(latents(), keep=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="branch dim"):
         pq.indices_to_codes(torch.zeros(2, 3, 4, 4, dtype=torch.long))
 
@@ -141,7 +141,8 @@ def test_nested_stats_are_prefixed_by_branch_then_level() -> None:
     stats = pq(latents(seed=4)).stats
     for p in range(2):
         for level in range(3):
-            assert isinstance(stats[f"branch{p}/level{level}/utilization"], float)
+            value = stats[f"branch{p}/level{level}/utilization"]
+            assert isinstance(value, torch.Tensor) and value.ndim == 0
         assert stats[f"branch{p}/perplexity"] == pytest.approx(
             sum(stats[f"branch{p}/level{level}/perplexity"] for level in range(3)) / 3)
     assert stats["perplexity"] == pytest.approx((stats["branch0/perplexity"] + stats["branch1/perplexity"]) / 2)
@@ -190,25 +191,40 @@ def test_index_layout_and_inversion_over_each_installed_quantizer(name: str) -> 
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_codebook_groups_name_each_branch_and_its_levels() -> None:
+def test_token_layout_is_branch_major_and_names_each_branch_and_its_levels() -> None:
     pq = make_pq(branches=2, branch=TINY_VQ)
-    idx = pq(latents(seed=10)).indices
-    groups = pq.codebook_groups(idx)
-    assert list(groups) == ["branch0", "branch1"] and torch.equal(groups["branch1"], idx[:, 1])
+    idx = pq(latents(seed=10)).indices  # (B, P, H, W)
+    layout = pq.token_layout(4, 4)
+    assert (layout.length, layout.tokens_per_step, layout.branches) == (16, 2, 2)
+    assert layout.codebooks == ("branch0", "branch1")
+    seq = layout.to_sequence(idx)
+    assert torch.equal(seq[1, 6], idx[1, :, 1, 2])  # step 6 = position (1, 2); token p = branch p
+    groups = layout.codebook_tokens(seq)
+    assert list(groups) == ["branch0", "branch1"] and torch.equal(groups["branch1"], idx[:, 1].flatten())
     nested = make_pq(branches=2, branch={"use": "rq", "levels": 2, "code": TINY_VQ})
-    idx = nested(latents(seed=10)).indices
-    groups = nested.codebook_groups(idx)
-    assert list(groups) == ["branch0/level0", "branch0/level1", "branch1/level0", "branch1/level1"]
-    assert torch.equal(groups["branch1/level0"], idx[:, 1, 0])
+    idx = nested(latents(seed=10)).indices  # (B, P, N, H, W)
+    layout = nested.token_layout(4, 4)
+    assert layout.codebooks == ("branch0/level0", "branch0/level1", "branch1/level0", "branch1/level1")
+    seq = layout.to_sequence(idx)
+    assert torch.equal(seq[0, 5], idx[0, :, :, 1, 1].flatten())  # branch-major within a step: K = P * N
+    assert torch.equal(layout.codebook_tokens(seq)["branch1/level0"], idx[:, 1, 0].flatten())
     shared = make_pq(branches=2, branch={"use": "rq", "levels": 2, "code": TINY_VQ, "shared_codebook": True})
-    assert list(shared.codebook_groups(shared(latents(seed=10)).indices)) == ["branch0", "branch1"]
+    assert list(shared.token_layout(4, 4).codebook_sizes) == ["branch0", "branch1"]
+    multi = make_pq(branches=2, branch={"use": "msrq", "scales": [1, 2, 4], "phi_count": 0, "code": TINY_VQ})
+    idx = multi(latents(seed=10)).indices  # a list of (B, P, s, s)
+    layout = multi.token_layout(4, 4)
+    assert (layout.length, layout.tokens_per_step) == (1 + 4 + 16, 2)
+    seq = layout.to_sequence(idx)
+    assert torch.equal(seq[:, 1:5, 1], idx[1][:, 1].flatten(1))  # scale 1's 2x2 map of branch 1, row-major
+    assert all(torch.equal(a, b) for a, b in zip(layout.from_sequence(seq), idx))
 
 
 @pytest.mark.parametrize("name", catalog().names("quantizer"))
-def test_codebook_groups_cover_every_index_over_each_installed_quantizer(name: str) -> None:
+def test_token_layout_covers_every_index_over_each_installed_quantizer(name: str) -> None:
     pq = build("quantizer", {"use": "pq", "branches": 2, "branch": tiny(name)}).eval()
     indices = pq(latents(c=pq.dim, seed=11)).indices
-    groups = pq.codebook_groups(indices)
+    layout = pq.token_layout(4, 4)
+    groups = layout.codebook_tokens(layout.to_sequence(indices))
     assert all(key.startswith(("branch0", "branch1")) for key in groups)
     assert sum(g.numel() for g in groups.values()) == flat(indices).numel()
 
@@ -218,21 +234,27 @@ def test_codebook_groups_cover_every_index_over_each_installed_quantizer(name: s
 
 
 def spy(pq: Any) -> tuple[list[int], list[Any]]:
-    """Count each branch's ``draw_levels`` calls and record the ``levels`` each branch's forward receives."""
-    draw_calls = [0] * len(pq.branches)
+    """Count the ``draw_keep`` calls of pq and of each branch (``[pq, branch0, ...]``) and record the ``keep`` each
+    branch's forward receives."""
+    modules = [pq, *pq.branches]
+    draw_calls = [0] * len(modules)
     received: list[Any] = []
-    for p, branch in enumerate(pq.branches):
-        draw, forward = branch.draw_levels, branch.forward
+    for i, module in enumerate(modules):
+        draw = module.draw_keep
 
-        def counted_draw(batch: int, device: torch.device, p: int = p, draw: Any = draw) -> torch.Tensor:
-            draw_calls[p] += 1
+        def counted_draw(batch: int, device: torch.device, i: int = i, draw: Any = draw) -> torch.Tensor:
+            draw_calls[i] += 1
             return draw(batch, device)
 
-        def recorded_forward(z: torch.Tensor, levels: Any = None, forward: Any = forward) -> Any:
-            received.append(levels)
-            return forward(z, levels=levels)
+        module.draw_keep = counted_draw
+    for branch in pq.branches:
+        forward = branch.forward
 
-        branch.draw_levels, branch.forward = counted_draw, recorded_forward
+        def recorded_forward(z: torch.Tensor, keep: Any = None, forward: Any = forward) -> Any:
+            received.append(keep)
+            return forward(z, keep=keep)
+
+        branch.forward = recorded_forward
     return draw_calls, received
 
 
@@ -250,13 +272,13 @@ def test_all_branches_receive_the_same_draw(name: str) -> None:
     draw_calls, received = spy(pq)
     torch.manual_seed(7)
     out = pq(latents(b=8, c=pq.dim, seed=7))
-    assert draw_calls == [1, 0, 0]  # drawn once, by branch 0
+    assert draw_calls == [1, 0, 0, 0]  # drawn once, by pq (with branch 0's settings), not by the branches
     assert len(received) == 3 and all(levels is received[0] for levels in received)
     kept = received[0]
     assert kept.shape == (8,) and kept.min() >= 1 and kept.min() < pq.num_levels  # the draw did drop levels
     for b in range(8):
         assert _dropped_indices(out.indices, b, int(kept[b])).eq(0).all()
-    torch.testing.assert_close(pq.indices_to_codes(out.indices, levels=kept), out.z_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pq.indices_to_codes(out.indices, keep=kept), out.z_q, atol=1e-5, rtol=1e-4)
 
     # eval: nothing dropped; an explicit draw is passed through unchanged
     pq.eval()
@@ -265,18 +287,19 @@ def test_all_branches_receive_the_same_draw(name: str) -> None:
     assert all(levels.eq(pq.num_levels).all() for levels in received)
     received.clear()
     explicit = torch.arange(8) % pq.num_levels + 1
-    pq(latents(b=8, c=pq.dim, seed=7), levels=explicit)
+    pq(latents(b=8, c=pq.dim, seed=7), keep=explicit)
     assert len(received) == 3 and all(levels is explicit for levels in received)
 
 
-def test_draw_levels_is_the_first_branchs_draw() -> None:
+def test_the_draw_uses_the_first_branchs_dropout_settings() -> None:
     pq = make_pq(branches=2, branch={"use": "rq", "levels": 6, "code": RAW_VQ,
                                      "dropout": {"rate": 1.0, "min_levels": 3}}).train()
+    assert pq.level_dropout() is pq.branches[0].config.dropout
     torch.manual_seed(8)
-    drawn = pq.draw_levels(400, torch.device("cpu"))
+    drawn = pq.draw_keep(400, torch.device("cpu"))
     assert set(drawn.tolist()) == {3, 4, 5, 6}
-    assert pq.eval().draw_levels(5, torch.device("cpu")).eq(6).all()
-    assert make_pq().draw_levels(3, torch.device("cpu")).eq(1).all()  # single-level branches keep their one level
+    assert pq.eval().draw_keep(5, torch.device("cpu")).eq(6).all()
+    assert make_pq().train().draw_keep(3, torch.device("cpu")).eq(1).all()  # single-level branches keep their level
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -35,15 +35,15 @@ def latents(b: int = 2, c: int = 4, h: int = 4, w: int = 4, seed: int = 0) -> to
 
 
 def spy_draws(module: Any) -> list[torch.Tensor]:
-    """Record every ``draw_levels`` result of ``module`` (an instance attribute shadows the method)."""
+    """Record every ``draw_keep`` result of ``module`` (an instance attribute shadows the method)."""
     draws: list[torch.Tensor] = []
-    original = module.draw_levels
+    original = module.draw_keep
 
     def draw(batch: int, device: torch.device) -> torch.Tensor:
         draws.append(original(batch, device))
         return draws[-1]
 
-    module.draw_levels = draw
+    module.draw_keep = draw
     return draws
 
 
@@ -85,8 +85,8 @@ def test_wrong_input_shapes_are_rejected() -> None:
     rq = make_rq()
     with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
         rq(latents(c=5))
-    with pytest.raises(ValueError, match="levels must be"):
-        rq(latents(), levels=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="keep must be"):
+        rq(latents(), keep=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         rq.indices_to_codes(torch.zeros(2, 2, 4, 4, dtype=torch.long))
 
@@ -192,8 +192,8 @@ def test_each_level_adds_the_nested_quantizers_code() -> None:
     for level in range(3):
         code = rq.codes[level].indices_to_codes(out.indices[:, level])
         torch.testing.assert_close(code.norm(dim=1), torch.ones(2, 4, 4))
-        torch.testing.assert_close(rq.indices_to_codes(out.indices, levels=level + 1)
-                                   - rq.indices_to_codes(out.indices, levels=level), code)
+        torch.testing.assert_close(rq.indices_to_codes(out.indices, keep=level + 1)
+                                   - rq.indices_to_codes(out.indices, keep=level), code)
 
 
 def test_stats_per_level_and_overall_mean() -> None:
@@ -201,7 +201,7 @@ def test_stats_per_level_and_overall_mean() -> None:
     stats = rq(latents(seed=6)).stats
     for name in ("perplexity", "utilization"):
         per_level = [stats[f"level{i}/{name}"] for i in range(4)]
-        assert all(isinstance(v, float) for v in per_level)
+        assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in per_level)
         assert stats[name] == pytest.approx(sum(per_level) / 4)
     assert 0 < stats["utilization"] <= 100
 
@@ -269,11 +269,11 @@ def test_indices_to_codes_inverts_forward_exactly_in_eval() -> None:
 def test_draw_keeps_at_least_min_levels_and_only_in_training() -> None:
     rq = make_rq(levels=6, dropout={"rate": 1.0, "min_levels": 3})
     torch.manual_seed(11)
-    drawn = rq.train().draw_levels(400, torch.device("cpu"))
+    drawn = rq.train().draw_keep(400, torch.device("cpu"))
     assert drawn.dtype == torch.int64 and set(drawn.tolist()) == {3, 4, 5, 6}
-    assert rq.eval().draw_levels(400, torch.device("cpu")).eq(6).all()
+    assert rq.eval().draw_keep(400, torch.device("cpu")).eq(6).all()
     paper = make_rq(levels=6, dropout={"rate": 0.1, "min_levels": 3}).train()
-    drawn = paper.draw_levels(2000, torch.device("cpu"))
+    drawn = paper.draw_keep(2000, torch.device("cpu"))
     assert drawn.min() >= 3 and 0 < drawn.lt(6).sum() < 400  # about 0.1 * 3/4 of the samples are shortened
 
 
@@ -291,8 +291,8 @@ def test_training_forward_masks_the_dropped_levels() -> None:
         n = int(kept[b])
         assert torch.equal(out.indices[b, :n], full.indices[b, :n])  # the residual chain ignores the mask
         assert out.indices[b, n:].eq(0).all()
-    torch.testing.assert_close(out.z_q, rq.indices_to_codes(full.indices, levels=kept))
-    torch.testing.assert_close(out.z_q, rq.indices_to_codes(out.indices, levels=kept))
+    torch.testing.assert_close(out.z_q, rq.indices_to_codes(full.indices, keep=kept))
+    torch.testing.assert_close(out.z_q, rq.indices_to_codes(out.indices, keep=kept))
 
 
 def test_no_dropout_in_eval_and_explicit_levels_are_honoured() -> None:
@@ -301,12 +301,12 @@ def test_no_dropout_in_eval_and_explicit_levels_are_honoured() -> None:
     z = latents(b=4, seed=14)
     out = rq(z)
     assert draws[0].eq(4).all() and out.indices.shape == (4, 4, 4, 4)
-    torch.testing.assert_close(rq(z, levels=4).z_q, out.z_q)
-    one = rq(z, levels=1)
+    torch.testing.assert_close(rq(z, keep=4).z_q, out.z_q)
+    one = rq(z, keep=1)
     torch.testing.assert_close(one.z_q, rq.codes[0].indices_to_codes(out.indices[:, 0]))
     assert one.indices[:, 1:].eq(0).all()
-    mixed = rq(z, levels=torch.tensor([1, 2, 3, 4]))
-    torch.testing.assert_close(mixed.z_q, rq.indices_to_codes(out.indices, levels=torch.tensor([1, 2, 3, 4])))
+    mixed = rq(z, keep=torch.tensor([1, 2, 3, 4]))
+    torch.testing.assert_close(mixed.z_q, rq.indices_to_codes(out.indices, keep=torch.tensor([1, 2, 3, 4])))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_residual_error_is_non_increasing_with_depth() -> None:
     z = latents(b=2, h=8, w=8, seed=16)
     fit_level_codebooks(rq, z)
     with torch.no_grad():
-        errors = [float(((z - rq(z, levels=n).z_q) ** 2).mean()) for n in range(5)]  # n = 0: nothing kept
+        errors = [float(((z - rq(z, keep=n).z_q) ** 2).mean()) for n in range(5)]  # n = 0: nothing kept
     assert errors[0] == pytest.approx(float((z**2).mean()))
     for shallow, deep in zip(errors, errors[1:]):
         assert deep <= shallow * (1 + 1e-6), errors
@@ -366,11 +366,11 @@ def test_rq_over_each_installed_single_level_quantizer(name: str) -> None:
         assert torch.equal(rq.codes_to_indices(z), full.indices)
     kept = torch.tensor([1, 2, 3])
     x = z.clone().requires_grad_(True)
-    out = rq.train()(x, levels=kept)
+    out = rq.train()(x, keep=kept)
     for b in range(3):
         assert torch.equal(out.indices[b, : b + 1], full.indices[b, : b + 1])
         assert out.indices[b, b + 1 :].eq(0).all()
-    torch.testing.assert_close(out.z_q, rq.indices_to_codes(full.indices, levels=kept), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.z_q, rq.indices_to_codes(full.indices, keep=kept), atol=1e-5, rtol=1e-4)
     w = torch.randn_like(x)
     (out.z_q * w + out.loss).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -378,22 +378,29 @@ def test_rq_over_each_installed_single_level_quantizer(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# codebook groups (held-out per-codebook metrics)
+# token layout (sequences and held-out per-codebook metrics)
 
 
-def test_codebook_groups_follow_the_codebooks() -> None:
-    indices = torch.randint(0, 16, (2, 3, 4, 4), generator=torch.Generator().manual_seed(18))
-    groups = make_rq().codebook_groups(indices)
-    assert list(groups) == ["level0", "level1", "level2"]
-    for level in range(3):
-        assert torch.equal(groups[f"level{level}"], indices[:, level])
-    shared = make_rq(shared_codebook=True).codebook_groups(indices)
-    assert list(shared) == [""] and torch.equal(shared[""].sort().values, indices.flatten().sort().values)
+def test_token_layout_is_depth_per_position_and_names_the_codebooks() -> None:
+    indices = torch.randint(0, 16, (2, 3, 4, 5), generator=torch.Generator().manual_seed(18))
+    layout = make_rq().token_layout(4, 5)
+    assert (layout.length, layout.tokens_per_step, layout.levels, layout.branches) == (20, 3, 3, 1)
+    assert layout.codebooks == ("level0", "level1", "level2") and layout.vocab_sizes == (16, 16, 16)
+    seq = layout.to_sequence(indices)
+    # step t = row-major position (t // 5, t % 5); token k = level k
+    assert torch.equal(seq[1, 7], indices[1, :, 1, 2])
+    assert torch.equal(layout.from_sequence(seq), indices)
+    shared = make_rq(shared_codebook=True).token_layout(4, 5)
+    assert shared.codebooks == ("", "", "") and shared.codebook_sizes == {"": 16}
+    groups = shared.codebook_tokens(seq)
+    assert list(groups) == [""] and torch.equal(groups[""].sort().values, indices.flatten().sort().values)
     nested = build("quantizer", {"use": "rq", "levels": 2, "code": {"use": "pq", "branches": 2, "branch": TINY_VQ}})
     idx = nested.eval()(latents(c=8, seed=19)).indices  # (B, N, P, H, W)
-    groups = nested.codebook_groups(idx)
-    assert list(groups) == ["level0/branch0", "level0/branch1", "level1/branch0", "level1/branch1"]
-    assert torch.equal(groups["level1/branch0"], idx[:, 1, 0])
+    layout = nested.token_layout(4, 4)
+    assert layout.codebooks == ("level0/branch0", "level0/branch1", "level1/branch0", "level1/branch1")
+    assert (layout.levels, layout.branches, layout.tokens_per_step) == (2, 2, 4)
+    groups = layout.codebook_tokens(layout.to_sequence(idx))
+    assert torch.equal(groups["level1/branch0"].sort().values, idx[:, 1, 0].flatten().sort().values)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ class TestVQContractHealth(QuantizerContract):
     options = {"codebook_size": 16, "dim": 8, "chunk_size": 7, "kmeans_init": 3, "dead_code_threshold": 1.0,
                "usage_decay": 0.9, "usage_window": 5}
     straight_through_is_identity = False
+    host_reads_in_forward = "k-means init checks once whether it happened; restarts need the number of dead codes"
 
 
 class TestVQContractEMA(QuantizerContract):
@@ -33,3 +34,4 @@ class TestVQContractEMA(QuantizerContract):
     name = "vq"
     options = {"codebook_size": 64, "dim": 8, "l2_norm": False, "init_scale": 1.0, "ema_update": True,
                "ema_decay": 0.9, "eps": 1e-4, "dead_code_threshold": 0.5, "kmeans_init": 2, "kmeans_batches": 2}
+    host_reads_in_forward = "k-means init checks once whether it happened; restarts need the number of dead codes"

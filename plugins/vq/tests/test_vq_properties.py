@@ -137,12 +137,13 @@ def test_straight_through_gradient_passes_the_normalisation() -> None:
 def test_stats_describe_the_batch() -> None:
     vq = make()
     out = vq.eval()(latents())
-    assert out.stats == pytest.approx(codebook_usage(out.indices, 64))
+    stats = {name: float(value) for name, value in out.stats.items()}
+    assert stats == pytest.approx({name: float(v) for name, v in codebook_usage(out.indices, 64).items()})
     train = vq.train()(latents())
     assert set(train.stats) == {"perplexity", "utilization", "window_utilization", "dead_codes"}
     # first training batch: the window holds this batch only
     assert train.stats["window_utilization"] == pytest.approx(train.stats["utilization"])
-    assert train.stats["dead_codes"] == 64 - round(train.stats["utilization"] * 64 / 100)
+    assert train.stats["dead_codes"] == 64 - round(float(train.stats["utilization"]) * 64 / 100)
     assert 1.0 <= out.stats["perplexity"] <= 32 and 0 < out.stats["utilization"] <= 100 * 32 / 64
 
 

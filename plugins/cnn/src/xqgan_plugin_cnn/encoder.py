@@ -23,13 +23,17 @@ class CNNEncoder(Encoder):
         num_res_blocks: int = option(2, help="ResBlocks per resolution level", validator=at_least(1))
         out_dim: int = option(8, help="output channels = the quantizer's code dimension", validator=positive())
 
+    @classmethod
+    def config_downsample(cls, config: Config) -> int:
+        return 2 ** (len(config.channel_mult) - 1)  # one 2x Downsample between consecutive levels
+
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         c = config
         widths = [c.channels * m for m in c.channel_mult]
         n = len(widths)
         self.out_dim = c.out_dim
-        self.downsample = 2 ** (n - 1)
+        self.downsample = self.config_downsample(c)
 
         self.conv_in = nn.Conv2d(3, c.channels, 3, padding=1)
         self.levels = nn.ModuleList(

@@ -28,12 +28,14 @@ across the scales by VAR's rule (``phi_schedule``). Conventions (each one a deci
   (with gradient to ``z``), for every sample, and averaged over scales; its own codebook/commitment terms are
   replaced by the ones above.
 * **indices**: one ``(B, s, s)`` int64 map per scale; scales a sample dropped carry index 0 and contribute
-  nothing (``indices_to_codes(indices, levels)`` masks them again).
+  nothing (``indices_to_codes(indices, keep)`` masks them again). ``forward(z, keep=None)`` and the one dropout
+  draw per forward come from the core's ``MultiLevelQuantizer``.
+* **token layout**: scale after scale, each map row-major (VAR's order): ``L = sum(s^2)`` (286 for the paper's
+  scales), ``K = 1``, every column the one shared codebook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -42,17 +44,17 @@ from torch import Tensor, nn
 
 from xqgan_core import ComponentSpec, at_least, between, component, config, each, non_empty, option, positive, section
 from xqgan_core.interfaces import Indices, QuantOut, Quantizer
+from xqgan_core.multilevel import Keep, MultiLevelQuantizer
 from xqgan_core.quant_ops import (
     LevelDropout,
     autocast_disabled,
     codebook_usage,
-    draw_levels,
-    level_mask,
+    flatten_scales,
     mean_losses,
     straight_through,
+    token_count,
 )
-
-from xqgan_core.quant_ops import flatten_scales, token_count, unflatten_scales
+from xqgan_core.token_layout import TokenLayout
 
 __all__ = ["MultiScaleResidualQuantizer", "phi_schedule"]
 
@@ -93,8 +95,8 @@ class Phi(nn.Conv2d):
         return h * (1 - self.gamma) + super().forward(h) * self.gamma
 
 
-class MultiScaleResidualQuantizer(Quantizer):
-    """``forward(z (B, dim, H, H), levels=None) -> QuantOut(z_q, [(B, s, s) per scale], losses, stats)``."""
+class MultiScaleResidualQuantizer(MultiLevelQuantizer):
+    """``forward(z (B, dim, H, H), keep=None) -> QuantOut(z_q, [(B, s, s) per scale], losses, stats)``."""
 
     plugin_api = 1
 
@@ -169,6 +171,11 @@ class MultiScaleResidualQuantizer(Quantizer):
                     )
             return problems
 
+    @classmethod
+    def config_dim(cls, config: Config) -> int | None:
+        """The nested quantizer's dim."""
+        return config.code.cls.config_dim(config.code.config)
+
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.code: Quantizer = config.code.build()
@@ -221,22 +228,10 @@ class MultiScaleResidualQuantizer(Quantizer):
             )
         return h
 
-    def _check_levels(self, levels: Tensor, batch: int) -> Tensor:
-        if levels.shape != (batch,):
-            raise ValueError(
-                f"levels must be a (B,) = ({batch},) tensor of kept scale counts, got {tuple(levels.shape)}"
-            )
-        return levels
-
-    def draw_levels(self, batch: int, device: torch.device) -> Tensor:
-        """How many scales each sample keeps (B,): all in eval; the dropout draw in training."""
-        return draw_levels(batch, self.num_levels, self.config.dropout, self.training, device)
-
     # -- interface ------------------------------------------------------------------------------------------------
-    def forward(self, z: Tensor, levels: Tensor | None = None) -> QuantOut:
+    def quantize(self, z: Tensor, keep: Tensor) -> QuantOut:
         size = self._check_latent(z)
         b = z.shape[0]
-        levels = self.draw_levels(b, z.device) if levels is None else self._check_levels(levels, b)
         # fp32 with autocast off throughout, as VAR: the searches, the upsampling and the losses; z_q is cast back
         with autocast_disabled(z.device):
             f = z.to(torch.promote_types(z.dtype, torch.float32))
@@ -261,12 +256,12 @@ class MultiScaleResidualQuantizer(Quantizer):
                     raise ValueError(f"msrq: the nested quantizer returned indices of the wrong layout at scale {k}")
                 idx = idx.long()
                 h = self._contribution(idx, k, size, table)
-                mask = level_mask(levels, k, h)
+                mask = self.level_mask(keep, k, h)
                 f_hat = f_hat + h * mask
                 taken = taken + h.detach()
                 parts.append({**self._scale_losses(f, f_sg, f_hat, mask), **self._aux_losses(q.losses)})
                 searched.append(idx)
-                indices.append(idx * mask.view(b, 1, 1).long())
+                indices.append(self.drop_indices(idx, keep, k))
                 # the nested quantizer's own statistics of this scale's search, completed if it has no usage
                 scale_stats = dict(q.stats)
                 if not {"perplexity", "utilization"} <= scale_stats.keys():
@@ -294,11 +289,11 @@ class MultiScaleResidualQuantizer(Quantizer):
             return {}
         return {name: value.float() for name, value in inner.items() if name not in _REPLACED_LOSSES}
 
-    def indices_to_codes(self, indices: Indices, levels: Tensor | None = None) -> Tensor:
+    def indices_to_codes(self, indices: Indices, keep: Keep = None) -> Tensor:
         """Per-scale index maps -> ``f_hat`` ``(B, dim, H, H)`` in fp32, by the same path as ``forward``.
 
-        ``levels`` (B,) masks out the scales each sample dropped (as in the forward that produced the indices);
-        without it every scale counts, which reproduces an eval-mode forward exactly.
+        ``keep`` (an int or a (B,) tensor) masks out the scales each sample dropped (as in the forward that produced
+        the indices); without it every scale counts, which reproduces an eval-mode forward exactly.
         """
         if not isinstance(indices, (list, tuple)) or len(indices) != self.num_levels:
             raise ValueError(f"msrq expects a list of {self.num_levels} index maps, one per scale {self.scales}")
@@ -307,13 +302,14 @@ class MultiScaleResidualQuantizer(Quantizer):
             if idx.shape != (b, s, s):
                 raise ValueError(f"index map {k} must be (B, {s}, {s}) = ({b}, {s}, {s}), got {tuple(idx.shape)}")
         size = self.scales[-1]
+        kept = None if keep is None else self.normalize_keep(keep, b, indices[0].device)
         with autocast_disabled(indices[0].device):
             table = self._table()
             f_hat: Tensor | None = None
             for k, idx in enumerate(indices):
                 h = self._contribution(idx.long(), k, size, table)
-                if levels is not None:
-                    h = h * level_mask(self._check_levels(levels, b), k, h)
+                if kept is not None:
+                    h = h * self.level_mask(kept, k, h)
                 f_hat = h if f_hat is None else f_hat + h
         assert f_hat is not None
         return f_hat
@@ -321,8 +317,7 @@ class MultiScaleResidualQuantizer(Quantizer):
     def codes_to_indices(self, z: Tensor) -> Indices:
         """Latents -> per-scale index maps, every scale kept (no dropout draw even in training mode)."""
         with torch.no_grad():
-            full = torch.full((z.shape[0],), self.num_levels, dtype=torch.long, device=z.device)
-            return self.forward(z, levels=full).indices
+            return self.forward(z, keep=self.num_levels).indices
 
     # -- token sequences for a next-scale generator ---------------------------------------------------------------
     @property
@@ -330,15 +325,12 @@ class MultiScaleResidualQuantizer(Quantizer):
         """Tokens per image over all scales: ``sum(s^2)``."""
         return token_count(self.scales)
 
-    def indices_to_token_sequence(self, indices: Sequence[Tensor]) -> Tensor:
-        """``[(B, s, s) per scale] -> (B, sum s^2)``: scale after scale, each map row-major (VAR's order)."""
-        if len(indices) != self.num_levels or any(i.shape[-1] != s for i, s in zip(indices, self.scales)):
-            raise ValueError(f"msrq expects {self.num_levels} index maps of sides {self.scales}")
-        return flatten_scales(indices)
-
-    def token_sequence_to_indices(self, tokens: Tensor) -> list[Tensor]:
-        """``(B, sum s^2) -> [(B, s, s) per scale]``, the inverse of ``indices_to_token_sequence``."""
-        return unflatten_scales(tokens, self.scales)
+    def token_layout(self, h: int, w: int) -> TokenLayout:
+        """Scale after scale, each map row-major (VAR's order): ``L = sum(s^2)``, ``K = 1``, one codebook."""
+        if (h, w) != (self.scales[-1], self.scales[-1]):
+            raise ValueError(f"msrq: the latent grid must be {self.scales[-1]}x{self.scales[-1]} (the last scale), "
+                             f"got {h}x{w}")
+        return self.code.token_layout(h, w).over_scales(self.scales)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -33,42 +33,44 @@ train; the tests check the error is non-increasing with depth for such codebooks
 * Losses: the inner quantizers' same-named losses are averaged over levels (``mean_losses``), so the total does not
   grow with depth.
 
-**Quantizer dropout** (Sec. 4.2, Eq. 3). ``levels`` (a (B,) tensor, drawn by ``draw_levels`` from the ``dropout``
-section when not given) says how many leading levels each sample keeps. Every level still runs on the whole batch
+**Quantizer dropout** (Sec. 4.2, Eq. 3). ``keep`` (an int or a (B,) tensor; drawn once by the core's
+``MultiLevelQuantizer`` from the ``dropout`` section when not given) says how many leading levels each sample keeps. Every level still runs on the whole batch
 (static shapes: no per-sample gathers, every codebook gets a gradient each step, which DDP and HPU graphs need), but
 a level a sample does not keep contributes nothing to its ``z_q`` and reports index 0 there. Its losses still count:
 they train the deeper levels on that sample's residual as if it were kept, which is what they do for every other
-sample. Dropout only happens in training; in eval every level is kept, unless ``levels`` is passed explicitly.
-``indices_to_codes`` cannot tell a dropped level's index 0 from code 0: pass the same ``levels`` to it (or decode eval
+sample. Dropout only happens in training; in eval every level is kept, unless ``keep`` is passed explicitly.
+``indices_to_codes`` cannot tell a dropped level's index 0 from code 0: pass the same ``keep`` to it (or decode eval
 indices, where nothing is dropped).
 
 **Codebooks.** ``shared_codebook = false`` builds one inner module per level (``codes.0`` .. ``codes.{N-1}``);
 ``true`` builds one (``codes.0``) used at every level (paper: "shares the same codebook across scales").
 
-**Codebook groups** (held-out codebook metrics): ``level{i}`` per level, or one group for a shared codebook.
+**Token layout**: ``L = h * w`` positions, ``K = N`` tokens per position (level after level; the inner quantizer's
+own columns within a level, e.g. a pq's branches). Columns are named ``level{i}`` (the held-out codebook metrics'
+names; ``level0/branch1`` over a pq) or, with a shared codebook, all by the inner quantizer's own name(s).
 
 **Stats.** Each level's inner stats under ``level{i}/`` (``level0/perplexity``, ``level0/utilization``, ...; computed by
 the inner quantizer on the whole batch), plus ``perplexity``/``utilization`` (and any other top-level inner stat)
-averaged over levels.
+averaged over levels; 0-d tensors, as the inner quantizer's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from xqgan_core import ComponentSpec, component, config, option, positive, section
-from xqgan_core.config import validate_component
 from xqgan_core.errors import ConfigError
-from xqgan_core.interfaces import Indices, QuantOut, Quantizer
-from xqgan_core.quant_ops import LevelDropout, draw_levels, level_mask, mean_losses, nested_stats, straight_through
+from xqgan_core.interfaces import Indices, QuantOut
+from xqgan_core.multilevel import Keep, MultiLevelQuantizer
+from xqgan_core.quant_ops import LevelDropout, mean_losses, nested_stats, straight_through
+from xqgan_core.token_layout import LEVEL, TokenLayout
 
 
-class ResidualQuantizer(Quantizer):
-    """``forward(z (B, dim, H, W), levels=None) -> QuantOut(z_q, indices (B, levels, H, W) int64, losses, stats)``."""
+class ResidualQuantizer(MultiLevelQuantizer):
+    """``forward(z (B, dim, H, W), keep=None) -> QuantOut(z_q, indices (B, levels, H, W) int64, losses, stats)``."""
 
     plugin_api = 1
 
@@ -90,33 +92,31 @@ class ResidualQuantizer(Quantizer):
             "(paper: rate = 0.1, min_levels = 3)",
         )
 
+    @classmethod
+    def config_dim(cls, config: Config) -> int | None:
+        """The nested quantizer's dim."""
+        return config.code.cls.config_dim(config.code.config)
+
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        spec = _as_spec(config.code, "quantizer.code")
-        self.codes = nn.ModuleList(spec.build() for _ in range(1 if config.shared_codebook else config.levels))
+        self.codes = nn.ModuleList(config.code.build() for _ in range(1 if config.shared_codebook else config.levels))
         inner = self.codes[0]
         if getattr(inner, "num_levels", 1) != 1:
             raise ConfigError(
-                [f"quantizer.code: rq needs a single-level quantizer at each level; '{spec.use}' has "
+                [f"quantizer.code: rq needs a single-level quantizer at each level; '{config.code.use}' has "
                  f"{inner.num_levels} levels (nest the other way round, e.g. pq over rq)"]
             )
         self.dim = inner.dim
         self.codebook_size = inner.codebook_size
         self.num_levels = config.levels
 
-    def level(self, i: int) -> Quantizer:
+    def level(self, i: int) -> Any:
         """The quantizer of level ``i`` (the shared one when ``shared_codebook``)."""
         return self.codes[0 if self.config.shared_codebook else i]
 
-    def draw_levels(self, batch: int, device: torch.device) -> Tensor:
-        """(B,) how many levels each sample keeps: all in eval, a dropout draw in training."""
-        return draw_levels(batch, self.num_levels, self.config.dropout, self.training, device)
-
-    def forward(self, z: Tensor, levels: Tensor | int | None = None) -> QuantOut:
+    def quantize(self, z: Tensor, keep: Tensor) -> QuantOut:
         if z.ndim != 4 or z.shape[1] != self.dim:
             raise ValueError(f"rq expects latents of shape (B, {self.dim}, H, W), got {tuple(z.shape)}")
-        b = z.shape[0]
-        kept = self.draw_levels(b, z.device) if levels is None else _levels_tensor(levels, b, z.device)
         # the residual chain runs in >= fp32 so that bf16 inputs do not lose the small late-level residuals
         residual = z.to(torch.promote_types(z.dtype, torch.float32))
         total = torch.zeros_like(residual)
@@ -126,9 +126,8 @@ class ResidualQuantizer(Quantizer):
         for i in range(self.num_levels):
             out = self.level(i)(residual)
             code = out.z_q.detach().to(residual.dtype)  # the code's value, without the inner straight-through graph
-            total = total + code * level_mask(kept, i, code)
-            keep = (kept > i).view(b, *([1] * (out.indices.ndim - 1)))
-            indices.append(torch.where(keep, out.indices.long(), 0))
+            total = total + code * self.level_mask(keep, i, code)
+            indices.append(self.drop_indices(out.indices, keep, i))
             losses.append(out.losses)
             stats.append(out.stats)
             if i + 1 < self.num_levels:
@@ -140,44 +139,31 @@ class ResidualQuantizer(Quantizer):
             stats=nested_stats(stats, "level"),
         )
 
-    def indices_to_codes(self, indices: Indices, levels: Tensor | int | None = None) -> Tensor:
+    def indices_to_codes(self, indices: Indices, keep: Keep = None) -> Tensor:
         """``(B, levels, H, W)`` indices -> the sum of the levels' codes ``(B, dim, H, W)``, in >= fp32.
 
-        ``levels`` (a (B,) tensor or an int) sums only each sample's first n levels: decode at a lower bitrate, or
+        ``keep`` (a (B,) tensor or an int) sums only each sample's first n levels: decode at a lower bitrate, or
         decode training-mode indices whose dropped levels carry index 0.
         """
         if not isinstance(indices, Tensor) or indices.ndim < 2 or indices.shape[1] != self.num_levels:
             shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
             raise ValueError(f"rq expects indices as one (B, {self.num_levels}, H, W) tensor, got {shape}")
-        kept = None if levels is None else _levels_tensor(levels, indices.shape[0], indices.device)
+        kept = None if keep is None else self.normalize_keep(keep, indices.shape[0], indices.device)
         total: Tensor | None = None
         for i in range(self.num_levels):
             code = self.level(i).indices_to_codes(indices[:, i])
             code = code.to(torch.promote_types(code.dtype, torch.float32))
             if kept is not None:
-                code = code * level_mask(kept, i, code)
+                code = code * self.level_mask(kept, i, code)
             total = code if total is None else total + code
         assert total is not None
         return total
 
-    def codebook_groups(self, indices: Indices) -> dict[str, Tensor]:
-        """Indices by the codebook they index: ``level{i}`` each with separate codebooks, ``""`` for a shared one.
-
-        A nested quantizer with several codebooks of its own (e.g. a pq) adds its names: ``level0/branch1``.
-        """
-        if not isinstance(indices, Tensor) or indices.ndim < 2 or indices.shape[1] != self.num_levels:
-            raise ValueError(f"rq expects indices as one (B, {self.num_levels}, H, W) tensor")
-        if self.config.shared_codebook:
-            groups: dict[str, list[Tensor]] = {}
-            for i in range(self.num_levels):
-                for name, idx in self.codes[0].codebook_groups(indices[:, i]).items():
-                    groups.setdefault(name, []).append(idx.flatten())
-            return {name: torch.cat(parts) for name, parts in groups.items()}
-        return {
-            _join(f"level{i}", name): idx
-            for i in range(self.num_levels)
-            for name, idx in self.level(i).codebook_groups(indices[:, i]).items()
-        }
+    def token_layout(self, h: int, w: int) -> TokenLayout:
+        """``L = h * w``, ``K = levels`` (times the inner quantizer's K); see the module docstring for the names."""
+        shared = self.config.shared_codebook
+        parts = [self.level(i).token_layout(h, w) for i in range(self.num_levels)]
+        return TokenLayout.stack(LEVEL, parts, ["" if shared else f"level{i}" for i in range(self.num_levels)])
 
     def codes_to_indices(self, z: Tensor) -> Tensor:
         """Latents -> ``(B, levels, H, W)`` indices with every level kept (no dropout, no losses or stats)."""
@@ -197,21 +183,3 @@ class ResidualQuantizer(Quantizer):
     def extra_repr(self) -> str:
         c = self.config
         return f"levels={c.levels}, shared_codebook={c.shared_codebook}, dropout={c.dropout}"
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}" if name else prefix
-
-
-def _as_spec(value: ComponentSpec | Mapping[str, Any], path: str) -> ComponentSpec:
-    # a Config made in Python without validation may still hold the default table
-    return value if isinstance(value, ComponentSpec) else validate_component("quantizer", value, path)
-
-
-def _levels_tensor(levels: Tensor | int, batch: int, device: torch.device) -> Tensor:
-    if isinstance(levels, int) and not isinstance(levels, bool):
-        return torch.full((batch,), levels, dtype=torch.long, device=device)
-    if not isinstance(levels, Tensor) or levels.shape != (batch,):
-        got = tuple(levels.shape) if isinstance(levels, Tensor) else repr(levels)
-        raise ValueError(f"levels must be an int or a ({batch},) tensor of kept-level counts, got {got}")
-    return levels.to(device=device, dtype=torch.long)

@@ -57,6 +57,8 @@ the options; all of them are saved and restored with it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -202,6 +204,7 @@ class VectorQuantizer(Quantizer):
             self.initialised: Tensor
             self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._kmeans_tokens: list[Tensor] = []  # gathered for the init; deliberately not part of the state
+        self._known_initialised = False  # a host copy of `initialised` once it is True (see _is_initialised)
         if config.dead_code_threshold > 0:
             self.usage: Tensor
             self.register_buffer("usage", torch.full((k,), float(config.dead_code_threshold)))
@@ -232,7 +235,7 @@ class VectorQuantizer(Quantizer):
         with autocast_disabled(z.device):
             flat = self._tokens(z)
             b, _, h, w = z.shape
-            restarted = self._before_lookup(flat.detach()) if self.training else 0
+            restarted = self._before_lookup(flat.detach()) if self.training else None
             codebook = self.codebook()
             if self.config.ema_update:
                 codebook = codebook.detach()  # learned by EMA only; also keeps the in-place update below safe
@@ -252,14 +255,25 @@ class VectorQuantizer(Quantizer):
 
     # -- codebook health (training only) ----------------------------------------------------------------------
     @torch.no_grad()
-    def _before_lookup(self, tokens: Tensor) -> int:
-        """k-means init while pending, else dead-code restarts. Returns the number of restarted codes."""
-        if self.config.kmeans_init > 0 and not bool(self.initialised):
+    def _before_lookup(self, tokens: Tensor) -> Tensor | None:
+        """k-means init while pending, else dead-code restarts. Returns the number of restarted codes (0-d tensor),
+        None when restarts are off."""
+        if self.config.kmeans_init > 0 and not self._is_initialised():
             self._kmeans_gather(tokens)
-            return 0
+            return tokens.new_zeros(()) if self.config.dead_code_threshold > 0 else None
         if self.config.dead_code_threshold > 0:
             return self._restart_dead_codes(tokens)
-        return 0
+        return None
+
+    def _is_initialised(self) -> bool:
+        # reading the buffer waits for the device: read it until it says True, then remember (reset on loading)
+        if not self._known_initialised:
+            self._known_initialised = bool(self.initialised)
+        return self._known_initialised
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._known_initialised = False  # the loaded buffer decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _kmeans_gather(self, tokens: Tensor) -> None:
         c = self.config
@@ -290,12 +304,15 @@ class VectorQuantizer(Quantizer):
             self.usage.fill_(c.dead_code_threshold)  # usage of the replaced codebook says nothing about these
         self.initialised.fill_(True)
 
-    def _restart_dead_codes(self, tokens: Tensor) -> int:
+    def _restart_dead_codes(self, tokens: Tensor) -> Tensor:
         c = self.config
         dead = self.usage < c.dead_code_threshold
-        n_dead = int(dead.sum())  # the same on every rank: usage is updated from rank-averaged counts
+        count = dead.sum()
+        # the restart's shapes depend on the count: the one host sync of this option (the same on every rank, since
+        # usage is updated from rank-averaged counts)
+        n_dead = int(count)
         if n_dead == 0:
-            return 0
+            return count.float()
         n = tokens.shape[0]
         if n == 0:  # nothing to restart from: keep the rows (still reset usage so they get another chance)
             rows = self.embedding.weight[dead].to(tokens.dtype)
@@ -311,13 +328,14 @@ class VectorQuantizer(Quantizer):
         if c.ema_update:
             self.ema_count[dead] = c.dead_code_threshold
             self.ema_sum[dead] = rows.to(self.ema_sum.dtype) * c.dead_code_threshold
-        return n_dead
+        return count.float()
 
     @torch.no_grad()
-    def _after_lookup(self, tokens: Tensor, idx: Tensor, restarted: int) -> dict[str, float]:
-        """Update usage, window and EMA codebook from this batch's assignment; return the health stats."""
+    def _after_lookup(self, tokens: Tensor, idx: Tensor, restarted: Tensor | None) -> dict[str, Tensor]:
+        """Update usage, window and EMA codebook from this batch's assignment; return the health stats (0-d
+        tensors, no host sync)."""
         c, k = self.config, self.codebook_size
-        counts = torch.bincount(idx, minlength=k).float()
+        counts = torch.zeros(k, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
         sums = None
         if c.ema_update:
             sums = torch.zeros(k, self.dim, device=tokens.device).index_add_(0, idx, tokens.float())
@@ -341,13 +359,13 @@ class VectorQuantizer(Quantizer):
             new = self.ema_sum / smoothed.unsqueeze(1)
             self.embedding.weight.copy_(F.normalize(new, dim=1) if c.l2_norm else new)
         in_window = (self.last_hit >= 0) & (self.last_hit > step - c.usage_window)
-        used = int(in_window.sum())
-        stats = {"window_utilization": 100.0 * used / k}
+        used = in_window.sum().float()
+        stats = {"window_utilization": used * (100.0 / k)}
         if c.dead_code_threshold > 0:
-            stats["dead_codes"] = float(int((self.usage < c.dead_code_threshold).sum()))
-            stats["restarted"] = float(restarted)
+            stats["dead_codes"] = (self.usage < c.dead_code_threshold).sum().float()
+            stats["restarted"] = restarted if restarted is not None else used.new_zeros(())
         else:
-            stats["dead_codes"] = float(k - used)
+            stats["dead_codes"] = k - used
         return stats
 
     def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:

@@ -1,0 +1,117 @@
+"""Checks of a run file that span several tables, made when it is validated (``xqgan-run validate`` and before
+training), so a mismatch is reported with its key paths before anything is built or written.
+
+Each function returns a list of problems ("key.path: what is wrong"), empty when all is well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .config import ComponentSpec
+
+#: Deeper tables / arrays are refused: no run file needs them, and the recursive parts of parsing, copying and
+#: validating would otherwise die with a RecursionError.
+MAX_NESTING = 64
+
+#: Tables accepted by the schema whose feature is not implemented yet: using one is an error, never ignored.
+NOT_IMPLEMENTED = {
+    "generator": "generators are not implemented yet: the [generator] table would be ignored, so it is refused; "
+    "remove it to train the tokenizer",
+}
+
+
+def nesting_problems(data: Any, limit: int = MAX_NESTING) -> list[str]:
+    """A problem for each top-level key whose value nests tables / arrays more than ``limit`` levels deep."""
+    problems = []
+    items = data.items() if isinstance(data, Mapping) else [("(top level)", data)]
+    for key, value in items:
+        stack = [(value, 1)]
+        while stack:  # iterative: the point is to survive nesting a recursive walk would not
+            node, depth = stack.pop()
+            if depth > limit:
+                problems.append(f"{key}: tables / arrays nested more than {limit} levels deep")
+                break
+            children = node.values() if isinstance(node, Mapping) else node if isinstance(node, (list, tuple)) else ()
+            stack.extend((child, depth + 1) for child in children)
+    return problems
+
+
+def not_implemented_tables(data: Mapping[str, Any]) -> list[str]:
+    return [f"{key}: {why}" for key, why in NOT_IMPLEMENTED.items() if key in data]
+
+
+def cross_table_problems(cfg: Any) -> list[str]:
+    """Latent dimensions of encoder / quantizer / decoder, and data.resolution against the encoder and metrics.
+
+    ``cfg`` is a validated ``RunConfig``; components that do not declare a value are not checked.
+    """
+    return _latent_dims(cfg.encoder, cfg.quantizer, cfg.decoder) + _resolution(cfg.data, cfg.encoder)
+
+
+def _latent_dims(encoder: ComponentSpec | None, quantizer: ComponentSpec | None, decoder: ComponentSpec | None) -> list[str]:
+    enc_dim = _int_option(encoder, "out_dim")
+    dec_dim = _int_option(decoder, "in_dim")
+    q_dim = _quantizer_dim(quantizer) if quantizer is not None else None
+    if q_dim is None:
+        # a quantizer returns latents of its input's shape, so the decoder reads what the encoder writes
+        if enc_dim is not None and dec_dim is not None and enc_dim != dec_dim:
+            return [f"decoder.in_dim: {dec_dim} does not match encoder.out_dim = {enc_dim} (the quantizer keeps the "
+                    "latents' shape); set both to the quantizer's code dimension"]
+        return []
+    assert quantizer is not None
+    problems = []
+    for key, value, role in (("encoder.out_dim", enc_dim, "produces"), ("decoder.in_dim", dec_dim, "reads")):
+        if value is not None and value != q_dim:
+            problems.append(
+                f"{key}: the {key.split('.')[0]} {role} {value}-channel latents but quantizer '{quantizer.use}' works "
+                f"on {q_dim}-dimensional codes; set {key} = {q_dim}"
+            )
+    return problems
+
+
+def _resolution(data: ComponentSpec | None, encoder: ComponentSpec | None) -> list[str]:
+    from .metrics import SSIM_MIN_SIZE  # imports torch: only needed once a run file has a data source
+
+    res = _int_option(data, "resolution")
+    if res is None:
+        return []
+    problems = []
+    if res < SSIM_MIN_SIZE:
+        problems.append(
+            f"data.resolution: {res} px is smaller than {SSIM_MIN_SIZE} px, the smallest image evaluation's SSIM "
+            f"accepts (its window is {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE})"
+        )
+    factor = _encoder_downsample(encoder)
+    if encoder is not None and factor and res % factor:
+        below, above = res // factor * factor, (res // factor + 1) * factor
+        choices = f"{below} or {above}" if below else str(above)
+        problems.append(
+            f"data.resolution: {res} is not divisible by {factor}, the downsampling factor of encoder "
+            f"'{encoder.use}' (the token grid would not be whole); use a multiple of {factor}, e.g. {choices}"
+        )
+    return problems
+
+
+def _quantizer_dim(spec: ComponentSpec) -> int | None:
+    config_dim = getattr(spec.cls, "config_dim", None)
+    dim = config_dim(spec.config) if callable(config_dim) else getattr(spec.config, "dim", None)
+    return dim if _is_int(dim) else None
+
+
+def _encoder_downsample(spec: ComponentSpec | None) -> int | None:
+    if spec is None:
+        return None
+    config_downsample = getattr(spec.cls, "config_downsample", None)
+    factor = config_downsample(spec.config) if callable(config_downsample) else None
+    return factor if _is_int(factor) and factor > 0 else None
+
+
+def _int_option(spec: ComponentSpec | None, name: str) -> int | None:
+    value = getattr(spec.config, name, None) if spec is not None else None
+    return value if _is_int(value) else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
