@@ -28,6 +28,19 @@ class TestCNNDecoderContract(DecoderContract):
     options = {**TINY, "in_dim": 8}
 
 
+PATCH_STEM: dict[str, Any] = {**TINY, "patch_size": 2}
+
+
+class TestPatchStemEncoderContract(EncoderContract):
+    name = "cnn"
+    options = {**PATCH_STEM, "out_dim": 8}
+
+
+class TestPatchStemDecoderContract(DecoderContract):
+    name = "cnn"
+    options = {**PATCH_STEM, "in_dim": 8}
+
+
 def _pair(**options: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     return build("encoder", {"use": "cnn", **options}), build("decoder", {"use": "cnn", **options})
@@ -48,6 +61,28 @@ def test_8x_and_16x_latent_sizes_on_64px(mult: list[int], factor: int) -> None:
 def test_config_downsample_matches_the_built_encoder(mult: list[int]) -> None:
     enc = build("encoder", {"use": "cnn", "channels": 8, "channel_mult": mult, "num_res_blocks": 1, "z_channels": 8})
     assert type(enc).config_downsample(enc.config) == enc.downsample == 2 ** (len(mult) - 1)
+
+
+@pytest.mark.parametrize(("mult", "patch", "factor"), [([1], 4, 4), ([1, 2], 2, 4), ([1, 2], 4, 8)])
+def test_patch_stem_folds_pixels_into_channels(mult: list[int], patch: int, factor: int) -> None:
+    enc, dec = _pair(channels=16, channel_mult=mult, num_res_blocks=1, z_channels=16, patch_size=patch)
+    assert type(enc).config_downsample(enc.config) == enc.downsample == dec.upsample == factor
+    assert enc.conv_in.in_channels == 3 * patch**2 and dec.conv_out.out_channels == 3 * patch**2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = enc(x)
+        assert z.shape == (2, 8, 32 // factor, 32 // factor)
+        assert dec(z).shape == (2, 3, 32, 32)
+    # the stem is a pure rearrangement: the patch of pixels (i, j) of block (0, 0) is what conv_in reads at (0, 0)
+    folded = enc.patchify(x)
+    assert torch.equal(folded[:, :, 0, 0].view(2, 3, patch, patch), x[:, :, :patch, :patch])
+
+
+def test_patch_size_1_keeps_the_vqgan_state_dict() -> None:
+    enc, dec = _pair(**TINY)
+    enc1, dec1 = _pair(**TINY, patch_size=1)
+    assert enc.state_dict().keys() == enc1.state_dict().keys() and dec.state_dict().keys() == dec1.state_dict().keys()
+    assert enc.conv_in.in_channels == 3 and dec.conv_out.out_channels == 3
 
 
 def test_encoder_rejects_sizes_not_divisible_by_downsampling() -> None:

@@ -33,7 +33,7 @@ class CNNDecoder(Decoder):
         widths = [c.channels * m for m in c.channel_mult]
         n = len(widths)
         self.in_dim = c.in_dim
-        self.upsample = 2 ** (n - 1)
+        self.upsample = c.patch_size * 2 ** (n - 1)
 
         self.post_quant_conv = nn.Conv2d(c.in_dim, c.z_channels, 1)
         self.conv_in = nn.Conv2d(c.z_channels, widths[-1], 3, padding=1)
@@ -51,7 +51,8 @@ class CNNDecoder(Decoder):
             for i in range(n)
         )
         self.norm_out = Normalize(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[0], 3 * c.patch_size**2, 3, padding=1)
+        self.unpatchify = nn.PixelShuffle(c.patch_size) if c.patch_size > 1 else nn.Identity()
 
     @property
     def last_layer(self) -> Tensor:
@@ -63,4 +64,4 @@ class CNNDecoder(Decoder):
         x = run_stage(self.mid, x, ckpt)
         for level in self.levels:
             x = run_stage(level, x, ckpt)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.unpatchify(self.conv_out(F.silu(self.norm_out(x))))

@@ -25,7 +25,8 @@ class CNNEncoder(Encoder):
 
     @classmethod
     def config_downsample(cls, config: Config) -> int:
-        return 2 ** (len(config.channel_mult) - 1)  # one 2x Downsample between consecutive levels
+        # the stem folds patch_size x patch_size pixels; then one 2x Downsample between consecutive levels
+        return config.patch_size * 2 ** (len(config.channel_mult) - 1)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -35,7 +36,9 @@ class CNNEncoder(Encoder):
         self.out_dim = c.out_dim
         self.downsample = self.config_downsample(c)
 
-        self.conv_in = nn.Conv2d(3, c.channels, 3, padding=1)
+        # patch_size 1 adds no module, so the VQGAN layout's state dict is unchanged
+        self.patchify = nn.PixelUnshuffle(c.patch_size) if c.patch_size > 1 else nn.Identity()
+        self.conv_in = nn.Conv2d(3 * c.patch_size**2, c.channels, 3, padding=1)
         self.levels = nn.ModuleList(
             Level(
                 in_channels=c.channels if i == 0 else widths[i - 1],
@@ -57,7 +60,7 @@ class CNNEncoder(Encoder):
         if h % self.downsample or w % self.downsample:
             raise ValueError(f"image size {h}x{w} is not divisible by the encoder's downsampling {self.downsample}")
         ckpt = self.config.checkpointing and self.training
-        x = self.conv_in(images)
+        x = self.conv_in(self.patchify(images))
         for level in self.levels:
             x = run_stage(level, x, ckpt)
         x = run_stage(self.mid, x, ckpt)

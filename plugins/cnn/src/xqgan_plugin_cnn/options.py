@@ -16,6 +16,14 @@ class BackboneOptions:
         "[1, 1, 2, 2, 4] = 16x, [1, 2, 2, 4] = 8x",
         validator=[non_empty(), each(positive())],
     )
+    patch_size: int = option(
+        1,
+        help="space-to-depth stem: the encoder first folds each patch_size x patch_size block of pixels into channels "
+        "(pixel unshuffle) and the decoder unfolds its output the same way (pixel shuffle), so every conv runs at "
+        "1/patch_size resolution; the scale factor becomes patch_size * 2**(len(channel_mult) - 1). "
+        "1 = off (the VQGAN layout)",
+        validator=positive(),
+    )
     z_channels: int = option(
         256, help="width at the bottleneck, before the 1x1 projection to/from the code dimension", validator=positive()
     )
