@@ -198,3 +198,41 @@ def test_evaluation_never_wraps_the_live_training_model(tmp_path, monkeypatch):
     assert len(RecordingDevice.wrapped) == 2
     for module in RecordingDevice.wrapped:
         assert module is not live and not live_storage & {p.data_ptr() for p in module.parameters()}
+
+
+def _as_format_1(folder: Path) -> None:
+    """Rewrite a checkpoint the way the single-file engine (before the Trainer/Task split) wrote it: its state.pt
+    keys (gen_opt, gen_sched, disc_opt, scaler, lecam, one rng dict) and a meta.json without files / run_id."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    old = {
+        "step": state["step"],
+        "bad_steps_total": state["bad_steps_total"],
+        "train_seconds": state["train_seconds"],
+        "gen_opt": state["optimizers"]["tokenizer"],
+        "disc_opt": state["optimizers"]["discriminators"],
+        "gen_sched": state["schedulers"]["tokenizer"],
+        "scaler": state["precision"],
+        "lecam": state["task"]["lecam"],
+        "rng": state["rng"][0],
+        "hooks": {},
+    }
+    torch.save(old, folder / "state.pt")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.pop("files"), meta.pop("run_id")
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_of_the_single_file_engine_resumes(tmp_path, capsys):
+    make_images(tmp_path / "data")
+    out = tmp_path / "out"
+    run = run_file(tmp_path, tmp_path / "data", out, steps=4, checkpoint_every=2)
+    Engine(Registry.from_toml(run)).fit()
+    _as_format_1(latest_checkpoint(out))
+    Engine(Registry.from_toml(run, overrides=["train.steps=6"])).fit()
+    assert "(step 4)" in "".join(capsys.readouterr())
+    final = latest_checkpoint(out)
+    assert final is not None and final.name == "step-00000006"
+    state = torch.load(final / "state.pt", weights_only=True)
+    # the optimizer continued from the converted state: Adam's step counter went on from 4, not from 0
+    steps = {int(s["step"]) for s in state["optimizers"]["tokenizer"]["state"].values()}
+    assert steps == {6}
