@@ -42,6 +42,10 @@ _LAZY = {
     "DataSource": "xqgan_core.interfaces",
     "MultiLevelQuantizer": "xqgan_core.multilevel",
     "TokenLayout": "xqgan_core.token_layout",
+    "Task": "xqgan_core.task",
+    "Runtime": "xqgan_core.task",
+    "Trainer": "xqgan_core.trainer",
+    "TokenizerTask": "xqgan_core.tokenizer_task",
     "hookimpl": "xqgan_core.hooks",
 }
 
