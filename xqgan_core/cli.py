@@ -23,6 +23,7 @@ xqgan-run describe KIND NAME                      options of one component (type
 xqgan-run --list-plugins [--check] [--json]       installed components (--check imports each one)
 xqgan-run reconstruct CKPT IMAGE... --out DIR     write reconstructions (--force: replace existing files)
 xqgan-run eval CKPT --data FOLDER                 metrics of a trained tokenizer on a folder of images
+xqgan-run convert llamagen SRC.pt --out DIR       a released LlamaGen VQ checkpoint -> an xqgan run folder
 """
 
 
@@ -35,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "--list-plugins" in args:
             return _list_plugins(args)
         command = args[0]
-        handlers = {"validate": _validate, "describe": _describe, "reconstruct": _reconstruct, "eval": _eval}
+        handlers = {"validate": _validate, "describe": _describe, "reconstruct": _reconstruct, "eval": _eval,
+                    "convert": _convert}
         if command in handlers:
             return handlers[command](args[1:])
         return _run(args)
@@ -218,6 +220,32 @@ def _eval(args: list[str]) -> int:
     else:
         for k, v in metrics.items():
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    return EXIT_OK
+
+
+def _convert(args: list[str]) -> int:
+    p = _Parser(prog="xqgan-run convert")
+    p.add_argument("format", choices=["llamagen"], help="layout of the source file (only LlamaGen's VQ for now)")
+    p.add_argument("source", help="the checkpoint to convert (a torch .pt file; read without running pickled code)")
+    p.add_argument("--out", required=True, help="run folder to create (must hold no checkpoints yet)")
+    p.add_argument("--preset", default=None,
+                   help="run file giving the architecture (default: configs/xqgan-v-vq16-256.toml)")
+    p.add_argument("--name", default=None, help="run.name of the converted run (default: llamagen-<file stem>)")
+    ns = p.parse_args(args)
+    from pathlib import Path
+
+    from .convert import DEFAULT_PRESET, convert_llamagen
+    from .errors import CheckpointError
+
+    preset = ns.preset or DEFAULT_PRESET
+    if not Path(preset).is_file():
+        p.error(f"--preset {preset}: no such run file")
+    try:
+        folder = convert_llamagen(ns.source, ns.out, preset=preset, name=ns.name)
+    except CheckpointError as exc:  # a refused or unfitting file is the caller's input, not a runtime failure
+        print(f"xqgan-run convert: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(folder)
     return EXIT_OK
 
 
