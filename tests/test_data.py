@@ -13,8 +13,8 @@ from PIL import Image
 
 from xqgan_core.config import validate
 from xqgan_core.errors import ConfigError, ImageReadError, NoReadableImageError
-from xqgan_core.fallback_dataset import BadImageWarning
-from xqgan_core.images import array_to_rgb, as_rgb, load_rgb, to_tensor
+from xqgan_core.fallback_dataset import BadImageWarning, coin, random_position
+from xqgan_core.images import array_to_rgb, as_rgb, load_rgb, render, square_box, to_tensor
 from xqgan_core.sources.folder import FolderData
 from xqgan_core.sources.sample import SampleData
 
@@ -236,6 +236,57 @@ def test_folder_config_validates_through_the_catalog() -> None:
     assert any(p.startswith("data.crop:") for p in problems) and any(p.startswith("data.holdout:") for p in problems)
     _, problems = validate(FolderData.Config, {}, "data")
     assert problems and problems[0].startswith("data.root: required option is missing")
+
+
+def _render_reference(path: Path, resolution: int, size: int | None, seed: int, flip: bool) -> torch.Tensor:
+    """The documented augmentation, drawn by hand from the key's generator: size (when on), position, flip."""
+    rng = torch.Generator().manual_seed(seed)
+    img = load_rgb(path)
+    scale = 1.0 if size is None else resolution / int(torch.randint(size, size + 1, (), generator=rng))
+    box = square_box(img.width, img.height, scale, random_position(rng))
+    return render(img, box, resolution, flip=flip and coin(rng))
+
+
+def test_resize_range_crops_a_random_scale_deterministically_per_key(tmp_path: Path) -> None:
+    _save(tmp_path / "a.png", _photo(40, 64))
+    _save(tmp_path / "b.png", _photo(40, 64))
+    ds = _folder(tmp_path, resolution=16, resize_range=[20, 40], holdout=0.5).train_set()
+    items = [ds[(0, seed)]["image"] for seed in range(12)]
+    assert all(tuple(x.shape) == (3, 16, 16) for x in items)
+    assert torch.equal(ds[(0, 3)]["image"], items[3])  # the key alone decides the item
+    assert len({tuple(x.flatten()[:64].tolist()) for x in items}) > 6  # and different seeds give different views
+
+    # a fixed size: shorter side 40 -> 32, then a 16-px crop = a box of half the shorter side of the source
+    fixed = _folder(tmp_path, resolution=16, resize_range=[32, 32], holdout=0.5).train_set()
+    path = Path(fixed.files[0][0])
+    for seed in range(3):
+        assert torch.equal(fixed[(0, seed)]["image"], _render_reference(path, 16, 32, seed, flip=True))
+
+
+def test_resize_range_off_is_the_old_crop_and_evaluation_stays_a_centre_crop(tmp_path: Path) -> None:
+    _save(tmp_path / "a.png", _photo(40, 64))
+    _save(tmp_path / "b.png", _photo(40, 64))
+    plain = _folder(tmp_path, resolution=16, holdout=0.5)
+    assert plain.config.resize_range == ()
+    path = Path(plain.train_files[0][0])
+    for seed in range(3):  # same draws as before the option existed: position, then flip
+        assert torch.equal(plain.train_set()[(0, seed)]["image"], _render_reference(path, 16, None, seed, flip=True))
+    scaled = _folder(tmp_path, resolution=16, resize_range=[24, 48], holdout=0.5)
+    assert torch.equal(scaled.eval_set()[(0, 5)]["image"], plain.eval_set()[(0, 5)]["image"])
+    img = load_rgb(scaled.eval_files[0][0])
+    assert torch.equal(scaled.eval_set()[0]["image"], render(img, square_box(img.width, img.height), 16))
+
+
+def test_resize_range_is_checked() -> None:
+    for bad in ([320], [320, 256], [0, 10], [256, 320, 384]):
+        _, problems = validate(FolderData.Config, {"root": "/x", "resize_range": bad}, "data")
+        assert problems and problems[0].startswith("data.resize_range: must be [] or [lo, hi]"), problems
+    _, problems = validate(FolderData.Config, {"root": "/x", "resolution": 256, "resize_range": [128, 320]}, "data")
+    assert problems == ["data: resize_range: the smallest size (128) must be >= resolution (256)"]
+    cfg, problems = validate(FolderData.Config, {"root": "/x", "resize_range": [256, 320]}, "data")
+    assert not problems and cfg.resize_range == (256, 320)
+    with pytest.raises(ConfigError, match=r"data\.resize_range: the smallest size \(8\)"):
+        FolderData(FolderData.Config(root="/x", resolution=16, resize_range=(8, 32)))
 
 
 # ------------------------------------------------------------------------------------------------------------------

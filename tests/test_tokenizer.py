@@ -150,6 +150,10 @@ def test_a_product_of_residual_quantizers_speaks_sequences() -> None:
 def test_non_divisible_size_names_the_factor(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"33x32 .*downsampling factor 2"):
         tok.encode(torch.zeros(1, 3, 33, 32))
+    with pytest.raises(ValueError, match=r"33x32 .*downsampling factor 2.*e\.g\. 32x32"):
+        tok.layout_for(33, 32)
+    # a convolutional encoder's grid is the image size over its downsampling factor, any aspect ratio
+    assert tok.latent_grid(16, 24) == tok.model.encoder.latent_grid(16, 24) == (8, 12)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         tok.encode(torch.zeros(3, 32, 32))
 

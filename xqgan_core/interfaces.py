@@ -43,17 +43,33 @@ class Component:
 
 
 class Encoder(Component, nn.Module):
-    """``forward(images (B,3,H,W) in [-1,1]) -> latents (B, out_dim, H/downsample, W/downsample)``."""
+    """``forward(images (B,3,H,W) in [-1,1]) -> latents (B, out_dim, h, w)`` with ``(h, w) = latent_grid(H, W)``:
+    ``(H/downsample, W/downsample)`` for a convolutional encoder, a fixed grid for one with latent queries."""
 
     kind = "encoder"
     out_dim: int
     downsample: int
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) latent grid of an image of ``height x width`` pixels; ValueError (saying which sizes work) for
+        a size this encoder does not accept. Default: ``downsample`` pixels per token side."""
+        return downsampled_grid(int(self.downsample), height, width)
 
     @classmethod
     def config_downsample(cls, config: Any) -> int | None:
         """The ``downsample`` factor an encoder built from ``config`` will have, without building it (checked against
         ``data.resolution`` when a run file is validated); None when it cannot be told from the config."""
         return None
+
+
+def downsampled_grid(factor: int, height: int, width: int) -> tuple[int, int]:
+    """``(height / factor, width / factor)``; ValueError naming the factor when either side is not a multiple."""
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the downsampling factor {factor}: crop or resize to "
+            f"multiples of {factor} (e.g. {max(height // factor, 1) * factor}x{max(width // factor, 1) * factor})"
+        )
+    return height // factor, width // factor
 
 
 class Decoder(Component, nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .interfaces import Decoder, Encoder, Indices, Quantizer, QuantOut
+from .interfaces import Decoder, Encoder, Indices, Quantizer, QuantOut, downsampled_grid
 
 
 class TokenizerModel(nn.Module):
@@ -26,6 +26,14 @@ class TokenizerModel(nn.Module):
     @property
     def downsample(self) -> int:
         return int(self.encoder.downsample)
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The encoder's (h, w) token grid for ``height x width`` images; ValueError for a size it does not accept."""
+        grid = getattr(self.encoder, "latent_grid", None)
+        if callable(grid):
+            h, w = grid(height, width)
+            return int(h), int(w)
+        return downsampled_grid(self.downsample, height, width)  # an encoder not derived from Encoder
 
     def forward(self, images: Tensor) -> tuple[Tensor, QuantOut]:
         quant = self.quantizer(self.encoder(images))

@@ -47,7 +47,22 @@ def cross_table_problems(cfg: Any) -> list[str]:
 
     ``cfg`` is a validated ``RunConfig``; components that do not declare a value are not checked.
     """
-    return _latent_dims(cfg.encoder, cfg.quantizer, cfg.decoder) + _resolution(cfg.data, cfg.encoder)
+    return (_latent_dims(cfg.encoder, cfg.quantizer, cfg.decoder) + _branches(cfg.encoder, cfg.quantizer)
+            + _resolution(cfg.data, cfg.encoder))
+
+
+def _branches(encoder: ComponentSpec | None, quantizer: ComponentSpec | None) -> list[str]:
+    """An encoder with branches (vit's latent-query branches, one channel group each) and a product quantizer must
+    agree on their count: pq splits channels into its own groups, so with another count a pq branch would quantize
+    parts of several encoder branches together."""
+    enc_branches = _int_option(encoder, "branches")
+    q_branches = _int_option(quantizer, "branches")
+    if enc_branches is None or q_branches is None or enc_branches == q_branches:
+        return []
+    assert encoder is not None and quantizer is not None
+    return [f"quantizer.branches: {q_branches} does not match encoder.branches = {enc_branches} (encoder "
+            f"'{encoder.use}' writes branch i's tokens to channel group i, quantizer '{quantizer.use}' quantizes "
+            f"channel group i with its branch i); set both to the same number"]
 
 
 def _latent_dims(encoder: ComponentSpec | None, quantizer: ComponentSpec | None, decoder: ComponentSpec | None) -> list[str]:

@@ -122,8 +122,14 @@ class Tokenizer:
     # -- properties ----------------------------------------------------------------------------------------------
     @property
     def downsample(self) -> int:
-        """Pixels per token side: an H x W image gives (H / downsample) x (W / downsample) tokens."""
+        """The encoder's pixels per token side (convolutional encoders: an H x W image gives (H / downsample) x
+        (W / downsample) tokens). The token grid itself is ``latent_grid(H, W)``: encoders with latent queries (vit)
+        have a fixed grid."""
         return self.model.downsample
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) token grid of a ``height x width`` image; ValueError for a size the encoder does not accept."""
+        return self.model.latent_grid(height, width)
 
     @property
     def codebook_size(self) -> int:
@@ -142,16 +148,13 @@ class Tokenizer:
         return self.layout_for(self.resolution, self.resolution)
 
     def layout_for(self, height: int, width: int) -> TokenLayout:
-        """The token layout of an image of ``height x width`` pixels (multiples of ``downsample``)."""
-        d = self.downsample
-        if height % d or width % d:
-            raise ValueError(f"image size {height}x{width} is not divisible by the downsampling factor {d}")
-        return self.model.quantizer.token_layout(height // d, width // d)
+        """The token layout of an image of ``height x width`` pixels (a size the encoder accepts: ``latent_grid``)."""
+        return self.model.quantizer.token_layout(*self.latent_grid(height, width))
 
     # -- images <-> indices --------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: Tensor, as_sequence: bool = False) -> Indices:
-        """Images (B, 3, H, W) in [-1, 1], H and W divisible by ``downsample`` -> indices (on the model's device).
+        """Images (B, 3, H, W) in [-1, 1] of a size the encoder accepts (``latent_grid``) -> indices (on the model's device).
 
         ``as_sequence=False``: the quantizer's own index shape (``QuantOut.indices``). ``as_sequence=True``: one
         ``(B, L, K)`` int64 token sequence, laid out by ``layout_for(H, W)`` (``token_layout`` at the run's
@@ -186,7 +189,8 @@ class Tokenizer:
         """A PIL image or an image file -> (3, R, R) in [-1, 1], as the data sources do for evaluation: the
         centre square, resampled to R = ``resolution`` or the run's resolution.
 
-        With neither, the image keeps its size and is only centre-cropped to multiples of ``downsample``.
+        With neither, the image keeps its size if the encoder accepts it (``latent_grid``), else it is centre-cropped
+        to multiples of ``downsample``; ValueError if the encoder does not accept that either.
         An unreadable file raises ``ImageReadError`` ("path: reason").
         """
         size = resolution or self.resolution
@@ -196,10 +200,13 @@ class Tokenizer:
             img = load_rgb(image, draft_size=size, max_pixels=self.max_pixels)
         if size:
             return render(img, square_box(img.width, img.height), size)
+        if _accepts(self.model, img.height, img.width):
+            return to_tensor(img)
         d = self.downsample
         w, h = img.width // d * d, img.height // d * d
         if w == 0 or h == 0:
             raise ValueError(f"image of {img.width}x{img.height} px is smaller than the downsampling factor {d}")
+        self.latent_grid(h, w)  # raises, naming the sizes the encoder accepts
         left, top = (img.width - w) // 2, (img.height - h) // 2
         return to_tensor(img.crop((left, top, left + w, top + h)))
 
@@ -207,13 +214,7 @@ class Tokenizer:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"expected images as a (B, 3, H, W) tensor in [-1, 1], got {shape}")
-        h, w = images.shape[-2:]
-        d = self.downsample
-        if h % d or w % d:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the tokenizer's downsampling factor {d}: "
-                f"crop or resize to multiples of {d} (e.g. {h // d * d}x{w // d * d})"
-            )
+        self.latent_grid(*images.shape[-2:])  # raises, naming the sizes the encoder accepts
         return images.to(self.torch_device, torch.float32)
 
     def __repr__(self) -> str:
@@ -222,6 +223,29 @@ class Tokenizer:
             f"device={self.torch_device}, resolution={self.resolution}, downsample={self.downsample}, "
             f"codebook_size={self.codebook_size})"
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        filename: str | None = None,
+        revision: str | None = None,
+        hf_cache_dir: str | Path | None = None,
+        format: str = "llamagen",
+        preset: str | Path | None = None,
+        device: Device | str | torch.device | None = None,
+        use_ema: bool = True,
+    ) -> Tokenizer:
+        """Load a run / checkpoint folder (as ``from_checkpoint``), a foreign checkpoint file (``format``, e.g. a
+        LlamaGen VQ ``.pt``, converted once into the xqgan cache with ``preset``) or ``filename`` of a Hugging
+        Face repo id through the hub's cache (``revision``, ``hf_cache_dir``). See :mod:`xqgan_core.pretrained`."""
+        from .pretrained import resolve_pretrained
+
+        path = resolve_pretrained(
+            name_or_path, filename=filename, revision=revision, hf_cache_dir=hf_cache_dir, format=format, preset=preset
+        )
+        return cls.from_checkpoint(path, device=device, use_ema=use_ema)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,6 +364,14 @@ def _as_device(device: Device | str | torch.device | None) -> Device:
         return device
     name = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     return build("device", name)
+
+
+def _accepts(model: TokenizerModel, height: int, width: int) -> bool:
+    try:
+        model.latent_grid(height, width)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:

@@ -295,9 +295,13 @@ class TokenizerTask(Task):
 
     def _thumbnail_label(self) -> str:
         resolution = getattr(self.cfg.data.config, "resolution", None)
-        if isinstance(resolution, int) and resolution % self.model.downsample == 0:
-            side = resolution // self.model.downsample
-            return f"bicubic {side}x{side} thumbnail"
+        if isinstance(resolution, int):
+            try:
+                h, w = self.model.latent_grid(resolution, resolution)
+            except ValueError:  # not a size the encoder accepts: the evaluation reports its own grid
+                pass
+            else:
+                return f"bicubic {h}x{w} thumbnail"
         return "bicubic thumbnail at the token grid's size"
 
     def problems(self) -> list[str]:

@@ -22,7 +22,8 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
 
 class FolderImages(FallbackDataset):
-    """Images from a list of files: shorter side to ``resolution``, square crop, optional horizontal flip."""
+    """Images from a list of files: shorter side to ``resolution`` (or to a random size in ``resize_range``), square
+    crop of ``resolution``, optional horizontal flip. Random draws, in this order: size, crop position, flip."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class FolderImages(FallbackDataset):
         problems: ProblemLog,
         what: str,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        resize_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(len(files), problems, what)
         self.files = list(files)
@@ -40,17 +42,29 @@ class FolderImages(FallbackDataset):
         self.crop = crop
         self.flip = flip
         self.max_pixels = max_pixels
+        self.resize_range = resize_range
 
     def _source(self, i: int) -> str:
         return self.files[i][0]
 
     def _load(self, i: int, rng: torch.Generator | None) -> Item:
         path, label = self.files[i]
-        img = load_rgb(path, draft_size=self.resolution, max_pixels=self.max_pixels)
+        # Decode at least as large as the biggest resize, so the crop is never upsampled from a JPEG draft.
+        draft = self.resize_range[1] if self.resize_range else self.resolution
+        img = load_rgb(path, draft_size=draft, max_pixels=self.max_pixels)
+        scale = 1.0
+        if self.resize_range:  # shorter side resized to s, then a resolution crop = a box of resolution / s of it
+            lo, hi = self.resize_range
+            scale = self.resolution / int(torch.randint(lo, hi + 1, (), generator=rng))
         position = random_position(rng) if self.crop == "random" else (0.5, 0.5)
-        box = square_box(img.width, img.height, 1.0, position)
+        box = square_box(img.width, img.height, scale, position)
         image = render(img, box, self.resolution, flip=self.flip and coin(rng))
         return {"image": image, "label": label, "index": i}
+
+
+def _pair_or_empty(_inst: Any, _attr: Any, value: Sequence[int]) -> None:
+    if value and (len(value) != 2 or not 0 < value[0] <= value[1]):
+        raise ValueError(f"must be [] or [lo, hi] with 0 < lo <= hi, got {list(value)!r}")
 
 
 class FolderData(DataSource):
@@ -64,6 +78,13 @@ class FolderData(DataSource):
         resolution: int = option(256, help="Side of the square images produced (shorter side resized, then cropped).", validator=positive())
         crop: Literal["center", "random"] = option("random", help="Crop of training images; evaluation always crops the centre.")
         flip: bool = option(True, help="Random horizontal flip of training images (never in evaluation).")
+        resize_range: tuple[int, ...] = option(
+            (),
+            help="[lo, hi]: resize the shorter side of each training image to a random integer size in lo..hi "
+            "(inclusive) before the crop of `resolution` (the XQ-GAN reference uses [256, 320] at 256 px); "
+            "[] = resize to `resolution` (no scale augmentation). Evaluation always resizes to `resolution`.",
+            validator=_pair_or_empty,
+        )
         holdout: float = option(
             0.05,
             help="Fraction of images held out for evaluation (at least 1 when there are >= 2; 0 = evaluate on training images).",
@@ -84,9 +105,18 @@ class FolderData(DataSource):
             True, help="Check every file when the source is built and drop unreadable ones (costs one cheap read per file)."
         )
 
+        def check(self) -> list[str]:
+            if self.resize_range and self.resize_range[0] < self.resolution:
+                lo = self.resize_range[0]
+                return [f"resize_range: the smallest size ({lo}) must be >= resolution ({self.resolution})"]
+            return []
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         cfg = self.config
+        bad = cfg.check()
+        if bad:
+            raise ConfigError([f"data.{p}" for p in bad])
         self._problems = ProblemLog()
         self.root = Path(cfg.root).expanduser()
         files, self.classes = _list_images(self.root, cfg.extensions)
@@ -122,7 +152,8 @@ class FolderData(DataSource):
     def train_set(self) -> torch.utils.data.Dataset:
         c = self.config
         what = f"the training split of {self.root}"
-        return FolderImages(self.train_files, c.resolution, c.crop, c.flip, self._problems, what, c.max_pixels)
+        resize = (c.resize_range[0], c.resize_range[1]) if c.resize_range else None
+        return FolderImages(self.train_files, c.resolution, c.crop, c.flip, self._problems, what, c.max_pixels, resize)
 
     def eval_set(self) -> torch.utils.data.Dataset:
         c = self.config

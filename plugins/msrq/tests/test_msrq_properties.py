@@ -300,6 +300,36 @@ def test_binary_inner_keeps_its_entropy_loss(inner: str) -> None:
     assert set(none.losses) == {"codebook", "commitment"}
 
 
+@pytest.mark.parametrize("inner", [n for n in ("lfq", "bsq") if n in INSTALLED])
+def test_full_resolution_aux_losses_are_the_inner_entropy_of_each_full_residual(inner: str) -> None:
+    code = {"use": inner, "bits": 6}
+    z = latents(c=6).requires_grad_(True)
+    full = make(code=code, phi_count=3, aux_resolution="full").train()
+    scale = make(code=code, phi_count=3).train()
+    out, out_scale = full(z), scale(z)
+    # the search (indices, z_q, the running-sum losses) does not depend on where the entropy is taken
+    for a, b in zip(out.indices, out_scale.indices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out.z_q, out_scale.z_q)
+    torch.testing.assert_close(out.losses["commitment"], out_scale.losses["commitment"])
+    assert not torch.allclose(out.losses["entropy"], out_scale.losses["entropy"])
+    # expected: the mean over scales of the inner quantizer's entropy on the full-size residual z - sum of the
+    # previous scales' contributions (every scale's, dropped or not)
+    with torch.no_grad():
+        table = full._table()
+        rest, expected = z.detach().clone(), []
+        for k, idx in enumerate(out.indices):  # no dropout configured: every map is the searched one
+            expected.append(full.code(rest).losses["entropy"])
+            rest = rest - full._contribution(idx.long(), k, 4, table)
+    torch.testing.assert_close(out.losses["entropy"], torch.stack(expected).mean())
+    assert torch.autograd.grad(out.losses["entropy"], z)[0].abs().sum() > 0
+
+
+def test_full_resolution_aux_losses_refuse_a_stateful_inner_quantizer() -> None:
+    with pytest.raises(ValueError, match="aux_resolution = 'full'.*'vq'"):
+        make(aux_resolution="full")
+
+
 def test_normalize_input_ignores_the_latent_scale() -> None:
     m = make(normalize_input=True).eval()
     z = latents()

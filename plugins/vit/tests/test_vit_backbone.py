@@ -26,8 +26,8 @@ TRUNK: dict[str, Any] = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "de
 
 class TestViTEncoderContract(EncoderContract):
     name = "vit"
-    # latent_size 4 at 32 px: the contract's expected grid is image_size // downsample = 32 // 8
-    options = {**TRUNK, "latent_size": 4, "branches": 2, "out_dim": 8}
+    # latent_size 3 at 32 px: the contract reads the expected grid from latent_grid(), not image_size // downsample
+    options = {**TRUNK, "latent_size": 3, "branches": 2, "out_dim": 8}
 
 
 class TestViTDecoderContract(DecoderContract):
@@ -242,8 +242,9 @@ def test_multi_scale_product_branches_read_the_latent_grid() -> None:
     assert enc.latent_queries.grad is not None
 
 
-def _write_run(tmp_path: Path, encoder_init: str = "") -> Path:
-    """A 3-step run of vit + pq(2 x vq) + vit on eight 32-px images."""
+def _write_run(tmp_path: Path, encoder_init: str = "", latent_size: int = 4, steps: int = 3,
+               quantizer_branches: int = 2) -> Path:
+    """A ``steps``-step run of vit (``latent_size``) + pq(2 x vq) + vit on eight 32-px images."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data" / "a"
     data.mkdir(parents=True)
@@ -266,15 +267,15 @@ holdout = 0.25
 [encoder]
 use = "vit"
 {trunk}
-latent_size = 4
+latent_size = {latent_size}
 branches = 2
 out_dim = 8
 init = "{encoder_init}"
 
 [quantizer]
 use = "pq"
-branches = 2
-branch = {{ use = "vq", codebook_size = 16, dim = 4 }}
+branches = {quantizer_branches}
+branch = {{ use = "vq", codebook_size = 16, dim = {8 // quantizer_branches} }}
 
 [decoder]
 use = "vit"
@@ -282,10 +283,10 @@ use = "vit"
 in_dim = 8
 
 [train]
-steps = 3
+steps = {steps}
 batch_size = 2
-checkpoint_every = 3
-eval_every = 3
+checkpoint_every = {steps}
+eval_every = {steps}
 log_every = 1
 warmup_steps = 1
 lr = 1e-3
@@ -315,7 +316,7 @@ def test_vit_with_pq_trains_a_few_engine_steps(tmp_path: Path) -> None:
     run = _write_run(tmp_path)
     metrics = Engine(Registry.from_toml(run)).fit()
     assert {"psnr", "utilization/branch0", "utilization/branch1"} <= set(metrics)
-    # latent_size 4 divides image_size 32 (downsample 8), so the Tokenizer reloads the run and keeps pq's layout
+    # the Tokenizer reloads the run and keeps pq's layout
     tok = Tokenizer.from_checkpoint(tmp_path / "out", device="cpu")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     indices = tok.encode(images)
@@ -323,3 +324,42 @@ def test_vit_with_pq_trains_a_few_engine_steps(tmp_path: Path) -> None:
     sequence = tok.encode(images, as_sequence=True)
     assert sequence.shape == (2, 16, 2)  # 16 positions, one token per branch
     torch.testing.assert_close(tok.decode(sequence, as_sequence=True), tok.decode(indices))
+
+
+def test_tokenizer_reads_the_query_grid_when_latent_size_does_not_divide_the_image(tmp_path: Path) -> None:
+    # K = 3 at 32 px: no whole pixels-per-token factor, the grid is the encoder's 3 x 3 queries
+    run = _write_run(tmp_path, latent_size=3, steps=2)
+    Engine(Registry.from_toml(run)).fit()
+    tok = Tokenizer.from_checkpoint(tmp_path / "out", device="cpu")
+    assert tok.latent_grid(32, 32) == (3, 3)
+    layout = tok.token_layout
+    assert (layout.length, layout.tokens_per_step) == (9, 2)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    indices = tok.encode(images)
+    assert indices.shape == (2, 2, 3, 3)  # (B, branch, K, K)
+    sequence = tok.encode(images, as_sequence=True)
+    assert sequence.shape == (2, 9, 2)
+    torch.testing.assert_close(layout.from_sequence(sequence), indices)
+    decoded = tok.decode(sequence, as_sequence=True)
+    assert decoded.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(decoded, tok.decode(indices))
+    # preprocess keeps an image of the accepted size, and resizes to the run's resolution
+    assert tok.preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="encoder.image_size = 32.*30x30"):
+        tok.encode(torch.zeros(1, 3, 30, 30))
+    with pytest.raises(ValueError, match="encoder.image_size = 32"):
+        tok.layout_for(30, 30)
+
+
+def test_encoder_latent_grid_is_the_query_grid_only_at_image_size() -> None:
+    enc = _encoder(latent_size=3)
+    assert enc.latent_grid(32, 32) == (3, 3)
+    with pytest.raises(ValueError, match="encoder.image_size = 32, got images of 33x32"):
+        enc.latent_grid(33, 32)
+
+
+def test_validation_refuses_encoder_and_pq_branch_counts_that_differ(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, quantizer_branches=4)  # 4 pq branches of dim 2 over the encoder's 2 branches of 4
+    with pytest.raises(ConfigError, match=r"quantizer.branches: 4 does not match encoder.branches = 2"):
+        Registry.from_toml(run)
+    assert not (tmp_path / "out").exists()

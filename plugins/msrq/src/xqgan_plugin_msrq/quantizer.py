@@ -26,7 +26,10 @@ across the scales by VAR's rule (``phi_schedule``). Conventions (each one a deci
   default; ``commit_convention = "sum"`` sums the commitment over scales as the reference's multi-scale VQ does.
   Auxiliary losses of the nested quantizer (e.g. an LFQ/BSQ ``entropy``) are computed on each scale's residual
   (with gradient to ``z``), for every sample, and averaged over scales; its own codebook/commitment terms are
-  replaced by the ones above.
+  replaced by the ones above. ``aux_resolution = "scale"`` (default) takes them on the residual the scale
+  searches (area-downsampled to ``s x s``; BSQ re-normalises it), ``"full"`` on the full-resolution residual, as
+  the reference's multi-scale LFQ/BSQ does (one more call of the nested quantizer per coarse scale, so it must be
+  stateless: lfq / bsq).
 * **indices**: one ``(B, s, s)`` int64 map per scale; scales a sample dropped carry index 0 and contribute
   nothing (``indices_to_codes(indices, keep)`` masks them again). ``forward(z, keep=None)`` and the one dropout
   draw per forward come from the core's ``MultiLevelQuantizer``.
@@ -143,6 +146,12 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
             help="losses of the nested quantizer to add, averaged over scales: 'aux' = all but its codebook/"
             "commitment (e.g. the lfq/bsq entropy term), 'none' = none",
         )
+        aux_resolution: Literal["scale", "full"] = option(
+            "scale",
+            help="where the nested quantizer's auxiliary losses (lfq/bsq entropy) are taken at each scale: 'scale' = "
+            "on the s x s residual that scale searches; 'full' = on the full-resolution residual, as the reference "
+            "(needs a nested quantizer without parameters or buffers: lfq, bsq)",
+        )
         normalize_input: bool = option(
             False,
             help="l2-normalise z over channels before quantizing (the reference's multi-scale BSQ does; "
@@ -181,6 +190,11 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
         self.code: Quantizer = config.code.build()
         if getattr(self.code, "num_levels", 1) != 1:
             raise ValueError(f"msrq: the nested quantizer must be single-level (vq, lfq, bsq), got {config.code.use!r}")
+        if config.aux_resolution == "full" and any(True for _ in (*self.code.parameters(), *self.code.buffers())):
+            # its forward would run twice per scale: a learned or statistics-keeping quantizer would update twice
+            raise ValueError(
+                f"msrq: aux_resolution = 'full' needs a stateless nested quantizer (lfq, bsq), got "
+                f"{config.code.use!r}; use aux_resolution = 'scale'")
         self.dim = self.code.dim
         self.codebook_size = self.code.codebook_size
         self.scales: tuple[int, ...] = tuple(config.scales)
@@ -259,7 +273,10 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
                 mask = self.level_mask(keep, k, h)
                 f_hat = f_hat + h * mask
                 taken = taken + h.detach()
-                parts.append({**self._scale_losses(f, f_sg, f_hat, mask), **self._aux_losses(q.losses)})
+                aux = q.losses
+                if self.config.aux_resolution == "full" and s != size and self.config.inner_losses != "none":
+                    aux = self.code(rest).losses  # only its auxiliary losses are kept; the search stays at s x s
+                parts.append({**self._scale_losses(f, f_sg, f_hat, mask), **self._aux_losses(aux)})
                 searched.append(idx)
                 indices.append(self.drop_indices(idx, keep, k))
                 # the nested quantizer's own statistics of this scale's search, completed if it has no usage
@@ -336,5 +353,5 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
         c = self.config
         return (
             f"scales={self.scales}, phi={self.phi_index} (gamma={c.phi_gamma}), accumulate={c.accumulate}, "
-            f"beta={c.beta}, commit={c.commit_convention}"
+            f"beta={c.beta}, commit={c.commit_convention}, aux={c.aux_resolution}"
         )

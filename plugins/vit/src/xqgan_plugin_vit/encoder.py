@@ -51,10 +51,10 @@ class ViTEncoder(Encoder):
             raise ConfigError([f"encoder.out_dim ({c.out_dim}) must be a multiple of encoder.branches ({c.branches})"])
         self.out_dim = c.out_dim
         self.code_dim = c.out_dim // c.branches
-        # pixels per latent side, only meaningful when latent_size divides image_size (see README: Tokenizer)
+        # pixels per latent side, only exact when latent_size divides image_size; the token grid is latent_grid()
         self.downsample = max(c.image_size // c.latent_size, 1)
         self.grid = (c.image_size // c.patch_size,) * 2
-        self.latent_grid = (c.latent_size, c.latent_size)
+        self.query_grid = (c.latent_size, c.latent_size)
 
         self.trunk = build_trunk(c)
         load_trunk_weights(self.trunk, c.init, "encoder.init")
@@ -64,16 +64,22 @@ class ViTEncoder(Encoder):
         nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
         self.project = nn.Linear(c.embed_dim, self.code_dim)
 
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """K x K (``latent_size``) for images of exactly ``image_size``; ValueError for any other size."""
+        c = self.config
+        if (height, width) != (c.image_size, c.image_size):
+            raise ValueError(
+                f"the vit encoder runs at encoder.image_size = {c.image_size}, got images of {height}x{width}: "
+                f"resize to {c.image_size}x{c.image_size}")
+        return self.query_grid
+
     def forward(self, images: Tensor) -> Tensor:
         c = self.config
-        if tuple(images.shape[-2:]) != (c.image_size, c.image_size):
-            raise ValueError(
-                f"the vit encoder runs at encoder.image_size = {c.image_size}, got images of "
-                f"{images.shape[-2]}x{images.shape[-1]}")
+        self.latent_grid(*images.shape[-2:])  # raises for any size but image_size
         b, p, k2 = images.shape[0], c.branches, c.latent_size**2
         trunk = self.trunk
         image_tokens = trunk._pos_embed(trunk.patch_embed(images)) + self.level_embed.weight[0]  # CLS + patches
-        query_pos = grid_positions(trunk, self.grid, self.latent_grid).repeat(1, p, 1)
+        query_pos = grid_positions(trunk, self.grid, self.query_grid).repeat(1, p, 1)
         query_levels = self.level_embed.weight[1:].repeat_interleave(k2, dim=0)
         queries = (self.latent_queries + query_pos + query_levels).expand(b, -1, -1)
         x = trunk.norm_pre(torch.cat([image_tokens, queries], dim=1))
