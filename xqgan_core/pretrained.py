@@ -120,7 +120,7 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, cache_dir: str 
     except ImportError:
         raise CheckpointError(
             f"loading {repo_id}/{filename} from the Hugging Face hub needs the huggingface_hub package "
-            "(pip install huggingface_hub), or pass the path of a local copy"
+            "(pip install xqgan-core[hub]), or pass the path of a local copy"
         ) from None
     where = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     try:
