@@ -47,7 +47,7 @@ from torch import Tensor
 from .config import at_least, between, config, option, positive
 from .distributed import mean_over_ranks
 from .interfaces import Indices, QuantOut, Quantizer
-from .quant_ops import autocast_disabled, codebook_usage, flatten_tokens, straight_through
+from .quant_ops import DENSE_USAGE_MAX, autocast_disabled, codebook_usage, flatten_tokens, straight_through
 
 __all__ = [
     "MAX_BITS",
@@ -73,8 +73,8 @@ MAX_BITS = 62
 #: the codebook entropy of one group holds ``tokens x 2^group_size`` probabilities; 12 bits = 4096 per token.
 MAX_GROUP_SIZE = 12
 #: above this many bits, usage stats count the codes present (O(tokens)) instead of a ``2^bits`` histogram
-#: (``quant_ops.DENSE_USAGE_MAX``).
-BINCOUNT_MAX_BITS = 20
+#: (derived from ``quant_ops.DENSE_USAGE_MAX``, which decides it).
+BINCOUNT_MAX_BITS = DENSE_USAGE_MAX.bit_length() - 1
 
 
 def _check_bits(num_bits: int) -> None:

@@ -208,6 +208,15 @@ def validate(cls: type, data: Any, path: str = "", cat: Catalog | None = None) -
     return (None if problems else inst), problems
 
 
+def require_checked(cfg: Any, path: str) -> None:
+    """Run a Config's own ``check()`` (cross-field rules) for a config built in Python without ``validate``, which
+    already runs it for run files; raise ConfigError with each problem under ``path``."""
+    check = getattr(cfg, "check", None)
+    problems = check() if callable(check) else []
+    if problems:
+        raise ConfigError([f"{path}.{p}" for p in problems])
+
+
 def validate_component(kind: str, table: Any, path: str | None = None, cat: Catalog | None = None) -> ComponentSpec:
     """Validate one component table (``{"use": ..., **options}``); raise ConfigError listing every problem."""
     spec, problems = _check_component(kind, table, path or kind, cat or catalog())

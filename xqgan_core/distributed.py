@@ -200,7 +200,7 @@ class StepSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start, self.rank, self.world = start, rank, world
         self._epoch: int | None = None
-        self._perm = torch.empty(0, dtype=torch.long)
+        self._perm: list[int] = []
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         k = self.start
@@ -210,12 +210,12 @@ class StepSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             out = []
             for pos in range(first, first + self.batch_size):
                 epoch, offset = divmod(pos, self.size)
-                out.append((int(self._permutation(epoch)[offset]), item_seed(self.seed, pos)))
+                out.append((self._permutation(epoch)[offset], item_seed(self.seed, pos)))
             yield out
             k += 1
 
-    def _permutation(self, epoch: int) -> Tensor:
-        if self._epoch != epoch:
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._epoch != epoch:  # a Python list: indexed once per item, in the loader's main process
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.size, generator=g), epoch
+            self._perm, self._epoch = torch.randperm(self.size, generator=g).tolist(), epoch
         return self._perm

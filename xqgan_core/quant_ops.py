@@ -234,14 +234,7 @@ def nested_stats(parts: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
             out[f"{prefix}{i}/{key}"] = value
             if "/" not in key and _is_scalar(value):
                 values.setdefault(key, []).append(value.detach().reshape(()) if isinstance(value, Tensor) else value)
-    return {**{key: _mean(v) for key, v in values.items()}, **out}
-
-
-def _mean(values: list[Any]) -> Any:
-    total = values[0]
-    for value in values[1:]:
-        total = total + value
-    return total / len(values)
+    return {**{key: sum(v) / len(v) for key, v in values.items()}, **out}
 
 
 def _is_scalar(value: Any) -> bool:

@@ -112,7 +112,7 @@ class Tokenizer:
         return cls(
             model,
             _as_device(device),
-            resolution if isinstance(resolution, int) and not isinstance(resolution, bool) else None,
+            resolution if _is_int(resolution) else None,
             checkpoint=folder,
             weights=weights,
             registry=registry,

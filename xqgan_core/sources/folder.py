@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..config import at_least, between, config, non_empty, option, positive
+from ..config import at_least, between, config, non_empty, option, positive, require_checked
 from ..errors import ConfigError
 from ..fallback_dataset import FallbackDataset, Item, ProblemLog, coin, random_position
 from ..images import DEFAULT_MAX_PIXELS, check_image_file, load_rgb, render, square_box
@@ -114,9 +114,7 @@ class FolderData(DataSource):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         cfg = self.config
-        bad = cfg.check()
-        if bad:
-            raise ConfigError([f"data.{p}" for p in bad])
+        require_checked(cfg, "data")
         self._problems = ProblemLog()
         self.root = Path(cfg.root).expanduser()
         files, self.classes = _list_images(self.root, cfg.extensions)

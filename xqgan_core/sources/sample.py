@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import between, config, non_empty, option, positive
+from ..config import between, config, non_empty, option, positive, require_checked
 from ..errors import ConfigError
 from ..fallback_dataset import FallbackDataset, Item, ProblemLog, coin, random_position, uniform
 from ..images import array_to_rgb, failure_reason, render, square_box
@@ -150,9 +150,7 @@ class SampleData(DataSource):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         cfg = self.config
-        bad = cfg.check()
-        if bad:
-            raise ConfigError([f"data.{p}" for p in bad])
+        require_checked(cfg, "data")
         try:
             import skimage.data  # noqa: F401
         except ImportError as exc:

@@ -56,9 +56,7 @@ class CNNEncoder(Encoder):
         self.quant_conv = nn.Conv2d(c.z_channels, c.out_dim, 1)
 
     def forward(self, images: Tensor) -> Tensor:
-        h, w = images.shape[-2:]
-        if h % self.downsample or w % self.downsample:
-            raise ValueError(f"image size {h}x{w} is not divisible by the encoder's downsampling {self.downsample}")
+        self.latent_grid(*images.shape[-2:])  # ValueError for a size that is not a multiple of downsample
         ckpt = self.config.checkpointing and self.training
         x = self.conv_in(self.patchify(images))
         for level in self.levels:
