@@ -10,7 +10,7 @@ from xqgan_core.interfaces import Decoder
 
 from .options import TrunkOptions
 from .trunk import build_trunk, check_trunk_options, grid_positions, run_blocks
-from .weights import load_trunk_weights
+from xqgan_core.timm_weights import load_trunk_weights
 
 
 class ViTDecoder(Decoder):

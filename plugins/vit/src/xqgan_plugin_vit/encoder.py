@@ -11,7 +11,7 @@ from xqgan_core.interfaces import Encoder
 
 from .options import TrunkOptions
 from .trunk import build_trunk, check_trunk_options, grid_positions, run_blocks
-from .weights import load_trunk_weights
+from xqgan_core.timm_weights import load_trunk_weights
 
 #: std of the latent queries' initialisation: tiny, so they start as (almost) pure position + level embeddings
 QUERY_INIT_STD = 1e-6

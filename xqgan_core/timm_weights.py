@@ -1,4 +1,6 @@
-"""Loading initial ViT weights into a trunk: from a local file or a timm model name through the Hugging Face cache.
+"""Loading timm ViT weights (a trunk to train, a frozen teacher, a discriminator's feature network): from a local
+file or a timm model name through the Hugging Face cache. Shared by every plugin built on timm ViTs; needs timm
+(``xqgan-core[timm]``).
 
 Pickled code is never executed: ``.pt`` / ``.pth`` files are read with ``torch.load(weights_only=True)``. The file's
 patch embedding and position embedding are resampled to the trunk's patch size and grid by timm's own checkpoint
