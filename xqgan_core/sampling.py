@@ -1,0 +1,99 @@
+"""Shared pieces of autoregressive generation: token cross entropy, logit filtering, classifier-free guidance, a
+key-value cache. Every generator plugin (var, llamagen, a third party's) uses these, so sampling behaves the same
+whatever the model.
+
+Conventions: logits are ``(..., V)`` float tensors; ``top_k = 0`` and ``top_p = 1.0`` switch the filters off;
+``temperature = 0`` is not allowed (use ``top_k = 1`` for greedy decoding, which is deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["token_cross_entropy", "filter_logits", "sample_logits", "cfg_mix", "cfg_ramp", "KVCache"]
+
+
+def token_cross_entropy(logits: Sequence[Tensor], tokens: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean cross entropy over every token of ``tokens`` ``(B, L, K)``; ``logits[k]`` is ``(B, L, V_k)``, one per
+    column (columns may have different vocabularies). ``weight`` ``(L,)`` weights the steps (VAR may weight scales);
+    the result is the weighted mean over steps, averaged over columns."""
+    if len(logits) != tokens.shape[-1]:
+        raise ValueError(f"token_cross_entropy: {len(logits)} logit columns for {tokens.shape[-1]} token columns")
+    per_col = []
+    for k, lg in enumerate(logits):
+        ce = F.cross_entropy(lg.float().flatten(0, -2), tokens[..., k].flatten(), reduction="none").view(tokens.shape[:-1])
+        per_col.append(ce.mean() if weight is None else (ce * weight).sum(-1).mean() / weight.sum())
+    return torch.stack(per_col).mean()
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """``logits`` with everything outside the top-k and outside the nucleus of mass ``top_p`` set to -inf (last dim).
+    The most likely token always survives."""
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"filter_logits: need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    out = logits
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop_sorted = mass_before >= top_p  # keep a token while the mass before it is below top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row of ``logits`` ``(..., V)``: ``(...)`` int64. ``top_k = 1`` is greedy and deterministic."""
+    if temperature <= 0:
+        raise ValueError(f"sample_logits: temperature must be > 0, got {temperature} (use top_k = 1 for greedy)")
+    if top_k == 1:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+def cfg_mix(cond: Tensor, uncond: Tensor, scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance on logits: ``uncond + scale * (cond - uncond)``; ``scale = 1`` returns ``cond``."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_ramp(cfg_scale: float, step: int, steps: int) -> float:
+    """VAR's linear ramp over scales: guidance grows from 1 at the first scale to ``cfg_scale`` at the last
+    (``1 + (cfg_scale - 1) * step / (steps - 1)``)."""
+    if steps <= 1:
+        return cfg_scale
+    return 1.0 + (cfg_scale - 1.0) * step / (steps - 1)
+
+
+class KVCache:
+    """Keys and values of one attention layer, grown along the sequence dim (-2) as sampling proceeds.
+
+    ``append(k, v)`` stores the new ``(B, heads, t, d)`` entries and returns everything cached so far; ``reset()``
+    empties it. Preallocating would save copies on long sequences; sequences here are at most a few thousand steps.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def reset(self) -> None:
+        self.k = self.v = None
