@@ -91,5 +91,6 @@ EOF
 
 section "engine + tokenizer tests with the GPU visible"
 timeout 200 $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_engine.py tests/test_tokenizer.py \
-  tests/test_finetune.py tests/test_devices.py tests/test_binary_codes.py plugins/stylegan plugins/finetune 2>&1 | tail -15
+  tests/test_finetune.py tests/test_devices.py tests/test_binary_codes.py tests/test_diffaug.py \
+  plugins/stylegan plugins/dino plugins/finetune 2>&1 | tail -15
 section done

@@ -26,6 +26,7 @@ import attrs
 import torch
 from torch import nn
 from xqgan_core import config, option, positive
+from xqgan_core.frozen import seeded
 from xqgan_core.interfaces import Decoder, Discriminator, Encoder, Quantizer, QuantOut
 
 
@@ -182,6 +183,24 @@ class GoodDiscriminator(Discriminator):
 class DetachedInput(GoodDiscriminator):
     def forward(self, x):
         return self.net(x.detach())  # no gradient for the generator's adversarial loss
+
+
+class FrozenFeatures(GoodDiscriminator):
+    """Correct: a trainable net on the features of a frozen network held with hold_frozen."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        # never saved: built from a fixed seed, or a rebuild (resume, the round-trip check) would differ
+        self.hold_frozen("features", seeded(lambda: nn.Conv2d(3, 3, 3, padding=1)))
+
+    def forward(self, x):
+        return self.net(self.features(x))
+
+
+class TrainedFrozenPart(FrozenFeatures):
+    def __init__(self, config):
+        super().__init__(config)
+        self.features.requires_grad_(True)  # the "frozen" network would be trained by whoever steps its grads
 '''
 
 #: kind -> entry-point name -> class in COMPONENTS
@@ -198,7 +217,8 @@ ENTRY_POINTS: dict[str, dict[str, str]] = {
     },
     "encoder": {"probe-good": "GoodEncoder", "probe-wrong-downsample": "WrongDownsample"},
     "decoder": {"probe-good": "GoodDecoder", "probe-copied-last-layer": "CopiedLastLayer"},
-    "discriminator": {"probe-good": "GoodDiscriminator", "probe-detached-input": "DetachedInput"},
+    "discriminator": {"probe-good": "GoodDiscriminator", "probe-detached-input": "DetachedInput",
+                      "probe-frozen-features": "FrozenFeatures", "probe-trained-frozen-part": "TrainedFrozenPart"},
 }
 
 CONTRACT = {"quantizer": "QuantizerContract", "encoder": "EncoderContract", "decoder": "DecoderContract",
@@ -215,8 +235,10 @@ MUST_FAIL: dict[str, set[str]] = {
     "TestEncoderWrongDownsample": {"test_output_shape"},
     "TestDecoderCopiedLastLayer": {"test_last_layer_is_a_trained_parameter"},
     "TestDiscriminatorDetachedInput": {"test_gradient_reaches_input"},
+    "TestDiscriminatorTrainedFrozenPart": {"test_frozen_parts_are_not_trained_or_saved"},
 }
-CORRECT = {"TestQuantizerGood", "TestQuantizerFixedCodes", "TestEncoderGood", "TestDecoderGood", "TestDiscriminatorGood"}
+CORRECT = {"TestQuantizerGood", "TestQuantizerFixedCodes", "TestEncoderGood", "TestDecoderGood", "TestDiscriminatorGood",
+           "TestDiscriminatorFrozenFeatures"}
 
 
 def _class_name(kind: str, entry: str) -> str:
@@ -297,3 +319,6 @@ def test_a_check_that_does_not_apply_is_a_visible_skip(outcomes: dict[str, dict[
     outcome, message = outcomes["TestQuantizerFixedCodes"]["test_codebook_rows_match_the_codebook"]
     assert outcome == "skipped" and "codebook_rows() is None" in message
     assert outcomes["TestQuantizerGood"]["test_codebook_rows_match_the_codebook"][0] == "passed"
+    outcome, message = outcomes["TestDiscriminatorGood"]["test_frozen_parts_are_not_trained_or_saved"]
+    assert outcome == "skipped" and "no frozen parts" in message
+    assert outcomes["TestDiscriminatorFrozenFeatures"]["test_frozen_parts_are_not_trained_or_saved"][0] == "passed"

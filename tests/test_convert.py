@@ -334,8 +334,10 @@ def test_cli_convert_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert Image.open(tmp_path / "recon" / "photo_recon.png").size == (16, 16)
     capsys.readouterr()
 
-    assert _cli("convert", "reference", src, "--out", tmp_path / "r2", "--preset", preset) == 2
-    assert "invalid choice: 'reference'" in capsys.readouterr().err
+    assert _cli("convert", "taming", src, "--out", tmp_path / "r2", "--preset", preset) == 2
+    assert "invalid choice: 'taming'" in capsys.readouterr().err
+    assert _cli("convert", "reference", src, "--out", tmp_path / "r2", "--preset", preset) == 2  # not its layout
+    assert "has no 'args'" in capsys.readouterr().err
     assert _cli("convert", "llamagen", src, "--preset", preset) == 2
     assert "--out" in capsys.readouterr().err
     assert _cli("convert", "llamagen", src, "--out", tmp_path / "r3", "--preset", tmp_path / "nope.toml") == 2

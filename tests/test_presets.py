@@ -14,16 +14,21 @@ from typing import Any
 
 import attrs
 import huggingface_hub.constants
+from torch import nn
 import pytest
 import torch
 
 from xqgan_core import Registry
+from xqgan_core.alignment import AlignmentInputs, shared_teachers
 from xqgan_core.config import ComponentSpec
 from xqgan_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = sorted([ROOT / "registry.toml", *(ROOT / "configs").glob("*.toml")])
-PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+#: CPU presets (validated with the run files above; each has its own end-to-end test)
+CPU_PRESETS = {"xqgan-sc-tiny-msvr": "test_tiny_sc_preset.py", "xqgan-sc-tiny-aligned": "test_tiny_aligned_preset.py"}
+#: GPU presets: each is a paper row
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.stem not in CPU_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,24 @@ class PaperRow:
     params: tuple[float, float] = (70e6, 74e6)  # encoder + quantizer + decoder
     lr_base: float = 1e-4  # lr = lr_base x (global batch / 128)
     disc_start_epoch: int | None = None  # SC rows: the reference's disc_epoch_start
+    discriminator: str = "patchgan"  # SC rows: the reference's DINO discriminator
+    aligners: tuple[tuple[str, int], ...] = ()  # (aligner, product branch): the paper's aligned runs
+    normalized_alignment: bool = False  # the reference's clip_norm: l2-normalised, logit scale annealed 1 -> 100
 
 
-def _sc_row(code: str, size: int, dim: int, scales: int | None, grid: int, tokens: int, disc_epoch: int) -> PaperRow:
-    """An XQ-GAN-SC row: ViT-B/16 encoder (~86 M) + ViT-B/16 decoder (~86 M) + codebooks / phis, 2 branches, and the
-    paper's start lr 3e-5 per 128 images (Sec. 7.1)."""
+def _sc_row(code: str, size: int, dim: int, scales: int | None, grid: int, tokens: int, disc_epoch: int,
+            aligners: tuple[tuple[str, int], ...], normalized: bool = False) -> PaperRow:
+    """An XQ-GAN-SC row: ViT-B/16 encoder (~86 M) + ViT-B/16 decoder (~86 M) + codebooks / phis, 2 branches, the
+    paper's start lr 3e-5 per 128 images (Sec. 7.1), the DINO discriminator and the aligners of the reference."""
     return PaperRow(
         branches=2, code=code, codebook_size=size, code_dim=dim, scales=scales, backbone="vit",
         grid=grid, tokens=tokens, params=(170e6, 175e6), lr_base=3e-5, disc_start_epoch=disc_epoch,
+        discriminator="dino", aligners=aligners, normalized_alignment=normalized,
     )
+
+
+#: DINOv2 on the semantic branch (the last: the reference aligns quant_list[-1]), CLIP on the detail branch 0
+SEMANTIC_AND_DETAIL = (("dinov2", -1), ("clip", 0))
 
 
 #: XQ-GAN-V (the CNN backbone) at 256 px: 16x downsampling, so every branch sees a 16x16 token grid.
@@ -59,9 +73,12 @@ PAPER_ROWS: dict[str, PaperRow] = {
     "xqgan-v-vp2-16384": PaperRow(branches=2, code="vq", codebook_size=16384, code_dim=32, scales=None),
     "xqgan-v-msvr10p2-4096": PaperRow(branches=2, code="vq", codebook_size=4096, code_dim=32, scales=10, tokens=680),
     "xqgan-v-msbr10p2-16384": PaperRow(branches=2, code="bsq", codebook_size=16384, code_dim=14, scales=10, tokens=680),
-    "xqgan-sc-msvr10p2-4096": _sc_row("vq", 4096, 32, scales=10, grid=11, tokens=286, disc_epoch=56),
-    "xqgan-sc-msbr10p2-16384": _sc_row("bsq", 16384, 14, scales=10, grid=11, tokens=286, disc_epoch=64),
-    "xqgan-sc-vp2-16384": _sc_row("vq", 16384, 32, scales=None, grid=16, tokens=256, disc_epoch=56),
+    "xqgan-sc-msvr10p2-4096": _sc_row("vq", 4096, 32, scales=10, grid=11, tokens=286, disc_epoch=56,
+                                      aligners=SEMANTIC_AND_DETAIL),
+    "xqgan-sc-msbr10p2-16384": _sc_row("bsq", 16384, 14, scales=10, grid=11, tokens=286, disc_epoch=64,
+                                       aligners=SEMANTIC_AND_DETAIL, normalized=True),
+    "xqgan-sc-vp2-16384": _sc_row("vq", 16384, 32, scales=None, grid=16, tokens=256, disc_epoch=56,
+                                  aligners=(("dinov2", -1),)),  # the released VP2 YAML has no detail guide
 }
 RESOLUTION = 256
 SC_PRESETS = [p for p in PRESETS if p.stem in PAPER_ROWS and PAPER_ROWS[p.stem].backbone == "vit"]
@@ -85,6 +102,11 @@ def test_run_file_validates(path: Path) -> None:
 
 def test_every_preset_has_a_paper_row() -> None:
     assert {p.stem for p in PRESETS} == set(PAPER_ROWS)
+
+
+def test_every_cpu_preset_exists_and_has_its_test() -> None:
+    for stem, test in CPU_PRESETS.items():
+        assert (ROOT / "configs" / f"{stem}.toml").is_file() and (ROOT / "tests" / test).is_file()
 
 
 def _single_level(spec: Any, row: PaperRow) -> None:
@@ -152,7 +174,8 @@ def test_preset_trains_as_the_paper_does(path: Path) -> None:
     global_batch = 8 * cfg.train.batch_size * cfg.train.grad_accum  # the 8-GPU node the presets are written for
     assert cfg.train.lr == pytest.approx(row.lr_base * global_batch / 128)
     assert cfg.train.disc_lr == pytest.approx(1e-4 * global_batch / 128)
-    assert cfg.loss.adversarial > 0 and cfg.discriminators[0].use == "patchgan"
+    assert cfg.loss.adversarial > 0 and [d.use for d in cfg.discriminators] == [row.discriminator]
+    assert [(a.use, a.config.branch) for a in cfg.aligners] == list(row.aligners)
 
 
 @pytest.mark.parametrize("path", SC_PRESETS, ids=lambda p: p.stem)
@@ -181,8 +204,76 @@ def test_sc_preset_without_cached_dinov2_fails_fast_naming_the_cache(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = Registry.from_toml(path).config  # validation does not need the weights
-    for key, spec in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
+    keys = {"encoder": cfg.encoder, "decoder": cfg.decoder, "discriminators.init (dino)": cfg.discriminators[0],
+            **{f"aligners.{a.use}": a for a in cfg.aligners}}  # teachers and the DINO trunk: the same cache
+    for key, spec in keys.items():
         with torch.device("meta"), pytest.raises(ConfigError) as info:
             spec.build()
         message = str(info.value)
-        assert f"{key}.init = " in message and str(tmp_path) in message and "HF_HUB_OFFLINE" in message
+        assert key in message and str(tmp_path) in message and "HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize("path", SC_PRESETS, ids=lambda p: p.stem)
+def test_sc_preset_aligns_and_discriminates_as_the_reference(path: Path) -> None:
+    """The reference's guides (global InfoNCE, weight 0.1, DINOv2-B/16 and CLIP ViT-B/16 OpenAI at 256 px, its
+    clip_norm ramp over the 200 epochs) and its DINO discriminator behind DiffAugment (translation 1/8, colour,
+    cutout 0.2, always), at its disc start / LeCam / adaptive weight (checked above)."""
+    row = PAPER_ROWS[path.stem]
+    cfg = Registry.from_toml(path).config
+    for spec in cfg.aligners:
+        a = spec.config
+        assert (a.mode, a.weight, a.logit_scale, a.gather) == ("global", pytest.approx(0.1), 1.0, True)
+        assert a.normalize == row.normalized_alignment
+        if a.normalize:
+            assert (a.max_logit_scale, a.anneal_steps) == (100.0, 200 * IMAGENET_STEPS_PER_EPOCH)
+        if spec.use == "dinov2":
+            assert (a.variant, a.image_size, a.patch_size, a.weights) == ("base", 256, 16, "")
+        else:
+            assert (a.model, a.pretrained, a.image_size, a.weights) == ("ViT-B-16", "openai", 256, "")
+    disc = cfg.discriminators[0].config
+    assert (disc.init, disc.input_size, tuple(disc.feature_blocks)) == ("vit_small_patch16_224.dino", 224, (2, 5, 8, 11))
+    loss = cfg.loss
+    assert loss.diffaug == "translation,color,cutout" and loss.diffaug_prob == 1.0
+    assert (loss.diffaug_translation, loss.diffaug_cutout) == (0.125, 0.2)
+    assert loss.adaptive_weight and loss.disc_loss == "hinge" and loss.adversarial == pytest.approx(0.5)
+
+
+def _tiny_teacher_overrides(cfg: Any, folder: Path) -> list[str]:
+    """--set overrides replacing each aligner's teacher by a tiny random one of the real architecture, saved to a
+    file (the real weights cannot be downloaded here)."""
+    from xqgan_plugin_clip import tiny as clip_tiny
+    from xqgan_plugin_dinov2 import tiny as dinov2_tiny
+
+    modules = {"dinov2": dinov2_tiny, "clip": clip_tiny}
+    overrides = []
+    for i, spec in enumerate(cfg.aligners):
+        tiny = modules[spec.use]
+        options = tiny.tiny_options(tiny.save_tiny_weights(folder / f"{spec.use}.safetensors"))
+        overrides += [f"aligners[{i}].{k}={v!r}" if isinstance(v, str) else f"aligners[{i}].{k}={v}"
+                      for k, v in options.items()]
+    return overrides
+
+
+@pytest.mark.parametrize("path", SC_PRESETS, ids=lambda p: p.stem)
+def test_sc_preset_aligners_fit_its_quantizer(path: Path, tmp_path: Path) -> None:
+    """With tiny teachers substituted: every head maps its teacher's width to the code dimension of the branch it
+    names, and the aligners return finite losses on the preset's own quantizer output, with a gradient to the
+    encoder's latents."""
+    row = PAPER_ROWS[path.stem]
+    cfg = Registry.from_toml(path, overrides=_tiny_teacher_overrides(Registry.from_toml(path).config, tmp_path)).config
+    quantizer = cfg.quantizer.build()
+    with shared_teachers():
+        aligners = nn.ModuleList([spec.build() for spec in cfg.aligners])
+    for aligner in aligners:
+        aligner.attach(quantizer)
+        assert aligner.proj.in_features == aligner.teacher.cls_dim and aligner.proj.out_features == row.code_dim
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    for aligner, (_, branch) in zip(aligners, row.aligners):
+        latents = torch.randn(4, quantizer.dim, row.grid, row.grid, requires_grad=True)
+        inputs = AlignmentInputs(images=images, latents=latents, quant=quantizer(latents), quantizer=quantizer)
+        (loss,) = aligner(inputs).values()
+        assert torch.isfinite(loss)
+        loss.backward()
+        # the gradient reaches the encoder through the channel group of the branch the aligner names, and only it
+        touched = latents.grad.abs().sum(dim=(0, 2, 3)).view(row.branches, row.code_dim).sum(1) > 0
+        assert touched.tolist() == [i == branch % row.branches for i in range(row.branches)]

@@ -244,12 +244,6 @@ def test_set_reaches_inside_short_form_components() -> None:
         apply_overrides({"discriminators": [3]}, ["discriminators[0].ndf=32"])
 
 
-def test_generator_table_is_refused_until_generators_exist() -> None:
-    with pytest.raises(ConfigError) as err:
-        Registry.from_dict(_tokenizer_run(generator={"use": "anything"}))
-    assert "generator: generators are not implemented yet: the [generator] table would be ignored" in str(err.value)
-
-
 def test_run_file_that_is_not_utf8_names_file_and_byte(tmp_path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))

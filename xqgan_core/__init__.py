@@ -37,6 +37,7 @@ _LAZY = {
     "Discriminator": "xqgan_core.interfaces",
     "Aligner": "xqgan_core.interfaces",
     "Generator": "xqgan_core.interfaces",
+    "GeneratorOut": "xqgan_core.interfaces",
     "Adapter": "xqgan_core.interfaces",
     "Device": "xqgan_core.interfaces",
     "DataSource": "xqgan_core.interfaces",
@@ -46,6 +47,7 @@ _LAZY = {
     "Runtime": "xqgan_core.task",
     "Trainer": "xqgan_core.trainer",
     "TokenizerTask": "xqgan_core.tokenizer_task",
+    "GeneratorTask": "xqgan_core.generator_task",
     "hookimpl": "xqgan_core.hooks",
 }
 

@@ -290,9 +290,9 @@ def _check_fits(
         raise CheckpointError(f"{where} does not fit the architecture of {preset}: " + "; ".join(problems))
 
 
-def _run_name_for(source: Path) -> str:
+def _run_name_for(source: Path, prefix: str = "llamagen") -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem).strip(".-") or "converted"
-    return f"llamagen-{stem}"
+    return f"{prefix}-{stem}"
 
 
 def _sha256(path: Path) -> str:

@@ -1,11 +1,18 @@
-"""Held-out evaluation of a tokenizer (PSNR, SSIM, LPIPS, codebook use) and reconstruction grids."""
+"""Held-out evaluation of a tokenizer (PSNR, SSIM, LPIPS, codebook use, optionally rFID) and reconstruction grids.
+
+Two codebook-use numbers, not to be confused: ``utilization`` (``metrics.CodebookUsage``: % of a codebook's codes
+hit at least once over the pass) and ``var_usage`` (``metrics.VarCodebookUsage``: the "usage" VAR and the XQ-GAN
+reference code print, % of codes hit at least 8 % as often as a uniform spread of the full-resolution positions
+would, per scale; the column the paper reports).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,8 +20,11 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .metrics import CodebookUsage, MetricAverager, bicubic_thumbnail, psnr, ssim
+from .metrics import CodebookUsage, MetricAverager, VarCodebookUsage, bicubic_thumbnail, psnr, ssim
 from .model import TokenizerModel
+
+if TYPE_CHECKING:
+    from .fid import ReconstructionFid
 
 T = TypeVar("T")
 
@@ -25,14 +35,22 @@ def _leaves_global_rng_alone(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(model: Any, dataset: Any, device: Any, *args: Any, **kwargs: Any) -> T:
-        dev = device.torch_device
-        # the accelerator's generator too, where its torch module exposes one (cuda; hpu with its plugin)
-        forkable = hasattr(getattr(torch, dev.type, None), "get_rng_state") and dev.type != "cpu"
-        accelerator = [dev.index or 0] if forkable else []
-        with torch.random.fork_rng(devices=accelerator, device_type=dev.type if forkable else "cuda"):
+        with forked_rng(device):
             return fn(model, dataset, device, *args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def forked_rng(device: Any) -> Iterator[None]:
+    """The CPU's and the xqgan ``device``'s RNG states are restored on exit: random draws inside (evaluation,
+    sample grids) leave the training run's random stream as it was."""
+    dev = device.torch_device
+    # the accelerator's generator too, where its torch module exposes one (cuda; hpu with its plugin)
+    forkable = hasattr(getattr(torch, dev.type, None), "get_rng_state") and dev.type != "cpu"
+    accelerator = [dev.index or 0] if forkable else []
+    with torch.random.fork_rng(devices=accelerator, device_type=dev.type if forkable else "cuda"):
+        yield
 
 
 @_leaves_global_rng_alone
@@ -47,8 +65,12 @@ def evaluate(
     perceptual: torch.nn.Module | None = None,
     grid_images: int = 0,
     progress: bool = True,
+    rfid: ReconstructionFid | None = None,
 ) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
-    """Metrics over ``dataset`` (the first ``max_images``; 0 = all) and the first ``grid_images`` pairs."""
+    """Metrics over ``dataset`` (the first ``max_images``; 0 = all) and the first ``grid_images`` pairs.
+
+    ``rfid`` (``xqgan_core.fid.ReconstructionFid``) adds ``rfid``: the FID of the reconstructions against the
+    originals (or the reference statistics it holds)."""
     was_training = model.training
     model.eval()
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
@@ -58,6 +80,7 @@ def evaluate(
                                          generator=torch.Generator().manual_seed(0))
     averages = MetricAverager()
     usage: CodebookUsage | None = None
+    var_usage: VarCodebookUsage | None = None
     group_names: list[str] = []
     originals, recons = [], []
     dev = device.torch_device
@@ -75,7 +98,12 @@ def evaluate(
         averages.update(values)
         # indices are read through the quantizer's token layout: one histogram per codebook it names
         layout = model.quantizer.token_layout(*quant.z_q.shape[-2:])
-        groups = layout.codebook_tokens(layout.to_sequence(quant.indices))
+        sequence = layout.to_sequence(quant.indices)
+        groups = layout.codebook_tokens(sequence)
+        var_usage = var_usage or VarCodebookUsage(layout)
+        var_usage.update(sequence)
+        if rfid is not None:
+            rfid.update(x, recon)
         if usage is None:
             group_names = list(groups)
             sizes = layout.codebook_sizes
@@ -89,6 +117,10 @@ def evaluate(
     for key, value in codebook.items():  # per-codebook entries come as "utilization/<i>": name them
         name, _, index = key.partition("/")
         metrics[f"{name}/{group_names[int(index)]}" if index else name] = value
+    if var_usage is not None:
+        metrics.update(var_usage.compute())
+    if rfid is not None and n > 0:
+        metrics.update(rfid.compute())
     metrics["images"] = float(n)
     model.train(was_training)
     grid = None

@@ -12,6 +12,7 @@ resizing the whole image first.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -40,10 +41,23 @@ def load_rgb(
     more than ``max_pixels`` pixels are refused from their header, before decoding.
     """
     name = os.fspath(path)
+    return _decode(name, name, draft_size, max_pixels)
+
+
+def decode_rgb(
+    data: bytes, name: str, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """``load_rgb`` for an encoded image held in memory (e.g. an entry of a webdataset tar); ``name`` is used in
+    messages ("name: reason")."""
+    return _decode(name, io.BytesIO(data), draft_size, max_pixels)
+
+
+def _decode(name: str, source: str | io.BytesIO, draft_size: int | None, max_pixels: int) -> Image.Image:
     try:
-        if os.path.getsize(name) == 0:
+        empty = source.getbuffer().nbytes == 0 if isinstance(source, io.BytesIO) else os.path.getsize(source) == 0
+        if empty:
             raise ImageReadError(f"{name}: empty file (0 bytes)", name, "empty file (0 bytes)")
-        with Image.open(name) as im:
+        with Image.open(source) as im:
             _check_pixel_count(name, im, max_pixels)
             if draft_size is not None and im.format in ("JPEG", "MPO"):
                 im.draft("RGB", (draft_size, draft_size))

@@ -15,13 +15,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .catalog import KINDS
+from .frozen import FrozenParts
 from .token_layout import TokenLayout
+
+if TYPE_CHECKING:
+    from .alignment import AlignmentInputs
 
 Indices = Tensor | list[Tensor]
 
@@ -95,6 +99,8 @@ class QuantOut:
     stats: named diagnostics (perplexity, utilization, ...) as detached 0-d tensors on the latent's device, never
         Python floats: making a float waits for the device, and the trainer reads every stat in the step's one
         host sync.
+    keep: (B,) int64 levels each sample kept (multi-level quantizers, set by ``MultiLevelQuantizer.forward``);
+        None when every sample kept everything. Aligners leave out samples quantizer dropout truncated.
     Code outside the quantizer reads ``indices`` through ``Quantizer.token_layout`` (``to_sequence``).
     """
 
@@ -102,6 +108,7 @@ class QuantOut:
     indices: Indices
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    keep: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -156,25 +163,183 @@ class Quantizer(Component, nn.Module):
         with torch.no_grad():
             return self.forward(z).indices
 
+    # -- views of the codes for aligners (see xqgan_core/alignment.py) ---------------------------------------------
+    @classmethod
+    def config_code_views(cls, config: Any) -> CodeViews | None:
+        """The views ``code_view`` offers for a quantizer built from ``config`` (validate-time checks of
+        ``[[aligners]]``); None when it cannot be told. Default: one branch, no per-scale views."""
+        return CodeViews(branches=1, scales=(), dim=cls.config_dim(config))
 
-class Discriminator(Component, nn.Module):
-    """``forward(images (B,3,H,W) in [-1,1]) -> logits`` (any shape; the engine averages)."""
+    def code_views(self) -> CodeViews:
+        """The views this quantizer offers aligners: branches, per-scale grids, channels per branch."""
+        return CodeViews(branches=1, scales=(), dim=int(self.dim))
+
+    def code_view(self, quant: QuantOut, latents: Tensor, branch: int = 0, scale: int | None = None) -> Tensor:
+        """The ``(B, dim, h, w)`` codes of ``branch`` (negative: from the end) up to ``scale`` (None: all scales),
+        with the straight-through gradient to ``latents`` (the encoder output ``quant`` was computed from).
+        Default: the whole ``quant.z_q``; quantizers with branches or scales override it."""
+        views = self.code_views()
+        views.branch_index(branch)
+        if scale is not None:
+            views.scale_index(scale)
+        return quant.z_q
+
+
+@dataclass(frozen=True)
+class CodeViews:
+    """What ``Quantizer.code_view`` offers: ``branches`` product branches (channel groups of ``dim`` channels each,
+    None when unknown) and ``scales``, the side of each scale's token grid (empty: only the full-resolution view)."""
+
+    branches: int = 1
+    scales: tuple[int, ...] = ()
+    dim: int | None = None
+
+    def branch_index(self, branch: int) -> int:
+        """``branch`` as an index in ``range(branches)`` (negative counts from the end); ValueError if absent."""
+        if not -self.branches <= branch < self.branches:
+            raise ValueError(f"branch {branch} does not exist: the quantizer has {self.branches} branch(es) "
+                             f"(0..{self.branches - 1}, or -1 for the last)")
+        return branch % self.branches
+
+    def scale_index(self, scale: int) -> int:
+        """``scale`` as an index in ``range(len(scales))`` (negative counts from the end); ValueError if absent."""
+        if not self.scales:
+            raise ValueError("the quantizer has no scales: use the full-resolution codes (no `scale`)")
+        if not -len(self.scales) <= scale < len(self.scales):
+            raise ValueError(f"scale {scale} does not exist: the quantizer has {len(self.scales)} scales "
+                             f"{list(self.scales)} (0..{len(self.scales) - 1}, or -1 for the last)")
+        return scale % len(self.scales)
+
+
+@runtime_checkable
+class NextScaleInputs(Protocol):
+    """What a multi-scale quantizer offers a next-scale (VAR) generator: the input of each scale, built from indices.
+
+    A next-scale model predicts scale ``k``'s tokens from the codes of scales ``< k``, accumulated at full size
+    (``f_hat``, the quantizer's own reconstruction path: code lookup, upsampling, refinement) and area-resampled to
+    scale ``k``'s ``s_k x s_k`` grid. The quantizer builds both from native indices, so the generator never reaches
+    into its codebook or refinement convs. Implemented by ``msrq`` and by ``pq`` over ``msrq`` branches (branches
+    concatenated along the channels, so the P codes of a position are embedded together).
+
+    Shapes: ``C = next_scale_dim()``, ``H`` = the last scale. Results are fp32 and follow the indices' device; call
+    under ``torch.no_grad()`` (the quantizer is frozen).
+    """
+
+    def next_scale_dim(self) -> int:
+        """``C``: channels of the inputs and of ``f_hat`` (``pq``: the sum over branches). ValueError when the
+        quantizer cannot provide next-scale inputs (e.g. ``pq`` over single-scale branches)."""
+        ...
+
+    def next_scale_inputs(self, indices: Indices) -> list[Tensor]:
+        """Teacher forcing: native indices of every scale (as ``QuantOut.indices``) -> one ``(B, C, s_k, s_k)``
+        input per scale after the first (``k = 1..K-1``): the codes of scales ``< k`` accumulated, area-resampled
+        to ``s_k``. Equal to running ``accumulate_scale`` over the scales."""
+        ...
+
+    def accumulate_scale(self, f_hat: Tensor | None, k: int, indices_k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sampling: add scale ``k``'s codes to ``f_hat`` (``(B, C, H, H)``; None before scale 0) from that scale's
+        native index map (``(B, s_k, s_k)``; ``pq``: ``(B, P, s_k, s_k)``). Returns the new ``f_hat`` and scale
+        ``k + 1``'s input ``(B, C, s_{k+1}, s_{k+1})`` (None after the last scale). After the last scale ``f_hat``
+        equals ``indices_to_codes`` of the same indices (the ``z_q`` an eval-mode forward returns)."""
+        ...
+
+
+class Discriminator(Component, FrozenParts):
+    """``forward(images (B,3,H,W) in [-1,1]) -> logits`` (any shape; the engine averages).
+
+    Only what is registered (parameters, buffers, submodules) trains and is saved in the run's
+    ``discriminators.safetensors``. A pretrained network the discriminator uses but must not train or save (the
+    frozen DINO trunk of ``dino``) is held with ``self.hold_frozen("trunk", module)`` (``xqgan_core.frozen``): it
+    stays out of the optimizer, the checkpoint and gradient averaging, follows ``.to(...)``, and is rebuilt from the
+    plugin's options (a weights file or hub name) whenever the discriminator is built.
+    """
 
     kind = "discriminator"
 
 
-class Aligner(Component, nn.Module):
-    """``forward(images, quant: QuantOut) -> scalar loss`` between frozen teacher features and quantized tokens."""
+class Aligner(Component, FrozenParts):
+    """A frozen teacher (held with ``self.hold_frozen("teacher", module)``: not in the optimizer, the checkpoint or
+    DDP) + a trainable head (the aligner's registered parameters: they join the tokenizer's optimizer and are saved
+    as the run's ``aligner_heads``).
+
+    ``attach(quantizer)`` is called once, after building and before the optimizer exists: the head is sized from
+    the quantizer's ``code_views()`` there. ``forward(inputs: AlignmentInputs) -> {name: loss}`` returns named
+    scalar losses, already multiplied by the aligner's own weight (the engine adds ``loss.alignment`` times their
+    sum). ``xqgan_core.alignment.TeacherAligner`` implements the shared global / patch heads; docs/alignment.md.
+    """
 
     kind = "aligner"
 
+    @classmethod
+    def config_view(cls, config: Any) -> tuple[int, int | None] | None:
+        """The (branch, scale) of the codes an aligner built from ``config`` reads (checked against the quantizer
+        when a run file is validated); None when it does not say."""
+        return None
 
-class Generator(Component, nn.Module):
-    """An autoregressive model over token sequences."""
+    def attach(self, quantizer: Quantizer) -> None:
+        """Size the head for ``quantizer``'s codes; ValueError when it lacks the branch or scale asked for."""
+
+    def forward(self, inputs: AlignmentInputs) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+@dataclass
+class GeneratorOut:
+    """What ``Generator.forward`` returns (teacher forcing).
+
+    logits: K tensors, one per column of the token layout: ``logits[k]`` is ``(B, L, V_k)`` with
+        ``V_k = layout.vocab_sizes[k]``; step ``t`` predicts ``tokens[:, t, k]`` (so the model must only see the
+        condition and steps ``< t``, plus the columns ``< k`` of step ``t`` where it predicts columns in order).
+    losses: extra named scalar losses, already weighted by the generator's own coefficients (usually empty); the
+        task adds their sum to ``sampling.token_cross_entropy(logits, tokens)``.
+    """
+
+    logits: list[Tensor]
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Generator(Component, FrozenParts):
+    """An autoregressive model over a frozen tokenizer's token sequences (``(B, L, K)`` int64, see ``TokenLayout``).
+
+    Lifecycle: ``Cls(config)`` builds nothing sized by the tokens; ``bind(layout, quantizer, num_classes)`` is
+    called exactly once before the optimizer exists (by ``GeneratorTask`` when training, by
+    ``xqgan_core.generator_run.load_generator`` when sampling) and builds the embeddings and heads. Only registered
+    parameters and buffers train and are saved (the run's ``generator.safetensors`` / ``generator_ema.safetensors``);
+    a tokenizer part the generator keeps (VAR keeps the quantizer for next-scale inputs) is held with
+    ``self.hold_frozen("quantizer", quantizer)`` so it is neither trained nor saved.
+
+    Conditioning: ``condition`` is ``(B,)`` int64 class ids in ``[0, num_classes)``; id ``num_classes`` is the
+    "null" class (label dropout during training, the unconditional branch of classifier-free guidance).
+    ``num_classes = 0`` means unconditional: ``condition`` is None (or all null).
+    """
 
     kind = "generator"
 
-    def sample(self, batch_size: int, condition: Tensor | None = None, **kwargs: Any) -> Indices:
+    def bind(self, layout: TokenLayout, quantizer: Quantizer | None, num_classes: int) -> None:
+        """Size the model for ``layout`` (the tokenizer's ``Quantizer.token_layout`` at its latent grid) and
+        ``num_classes`` classes (+1 null class). ``quantizer`` is the frozen tokenizer's quantizer (None when the
+        tokens come without one, e.g. a test); keep it only with ``hold_frozen``. ValueError (naming the option)
+        for a layout the generator cannot model."""
+        raise NotImplementedError
+
+    def forward(self, tokens: Tensor, condition: Tensor | None) -> GeneratorOut:
+        """Teacher forcing: ``tokens`` ``(B, L, K)`` int64 in layout order, ``condition`` ``(B,)`` int64 or None.
+        Returns logits for EVERY step and column. When ``self.training``, class labels are replaced by the null
+        class with probability ``config.class_dropout`` (default 0.1); never in eval mode."""
+        raise NotImplementedError
+
+    def sample(
+        self, n: int, condition: Tensor | None = None, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``n`` token sequences ``(n, L, K)`` int64 in layout order, decoded step by step with a key-value cache
+        (``xqgan_core.sampling.KVCache``), tokens drawn with ``sampling.sample_logits``.
+
+        condition: ``(n,)`` int64 class ids (None: the null class). cfg_scale: classifier-free guidance
+        (``sampling.cfg_mix`` of the conditional and null-class logits; a generator may ramp it, e.g.
+        ``sampling.cfg_ramp``); ``cfg_scale == 1`` runs no unconditional pass and equals the conditional model.
+        ``top_k == 1`` is greedy and deterministic; the cached logits equal those of ``forward`` on the same tokens.
+        Call under ``torch.no_grad()`` in eval mode (callers do)."""
         raise NotImplementedError
 
 
@@ -242,7 +407,8 @@ class Device(Component):
 
 
 class DataSource(Component):
-    """Provides the training and held-out image datasets (tensors (3,H,W) in [-1,1])."""
+    """Provides the training and held-out datasets: items ``{"image": (3,H,W) in [-1,1], "label": int, ...}``, or
+    ``{"tokens": (L, K) int64, "label": int, ...}`` for token sources (``tokens``)."""
 
     kind = "data"
 
@@ -254,6 +420,11 @@ class DataSource(Component):
 
     def problems(self) -> Sequence[str]:
         """Files found unreadable so far (path: reason), reported by the engine."""
+        return ()
+
+    def class_names(self) -> Sequence[str]:
+        """The class of each label id (items' ``"label"`` indexes this), for class-conditional generators; empty
+        when the items are unlabelled (a generator trained on them is unconditional)."""
         return ()
 
 

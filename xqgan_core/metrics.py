@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "bicubic_thumbnail", "CodebookUsage", "MetricAverager"]
+if TYPE_CHECKING:
+    from .token_layout import TokenLayout
+
+__all__ = ["psnr", "ssim", "bicubic_thumbnail", "CodebookUsage", "MetricAverager", "VarCodebookUsage"]
 
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
@@ -245,3 +249,85 @@ class MetricAverager:
     def compute(self) -> dict[str, float]:
         """Mean of every metric that received at least one value."""
         return {name: self.sums[name] / n for name, n in self.counts.items() if n > 0}
+
+
+class VarCodebookUsage:
+    """The codebook usage VAR and the XQ-GAN reference code print ("usage"), made a deterministic evaluation metric.
+
+    Not the same number as ``CodebookUsage``'s ``utilization`` (% of codes used at least once over the pass).
+    The reference counts, per scale of a multi-scale quantizer, how often each code is hit; a code counts as used
+    when its hits reach a margin of 8 % of the hits it would get if all *full-resolution* latent positions were
+    spread evenly over the V codes: ``hits >= 0.08 * positions / V`` with ``positions = images * H * W`` (H x W the
+    finest grid, also for the coarse scales, which therefore read low). Its usage is then the % of codes used, per
+    scale, averaged over product branches and over scales.
+
+    The reference applies the margin per training step to an EMA of per-step, all-reduced hits (decay 0.9 for the
+    first 100 steps, then 0.99), with ``positions = world * B * H * W``: usage during training, dependent on the batch
+    size and the last ~100 steps. Here the hits are summed over one evaluation pass and the margin scaled to all
+    its images, which is the same test on the mean per-image hits: deterministic, batch-size independent, the
+    same numbers on any number of ranks (sum ``counts`` across ranks before ``compute``).
+
+    Generalised to every token layout: each (column, scale) pair is one "slot" (a residual level or a product
+    branch is a column; single-map quantizers have one scale). ``compute`` returns ``var_usage`` (mean over slots),
+    ``var_usage/<codebook>`` when there are several codebooks, and ``var_usage/scale<i>`` (mean over columns) for
+    multi-scale layouts.
+    """
+
+    MARGIN = 0.08
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+        sides = list(layout.scales) or [None]
+        self._spans: list[tuple[int, int]] = []
+        start = 0
+        for side in sides:
+            length = side * side if side is not None else layout.length
+            self._spans.append((start, start + length))
+            start += length
+        self.counts: list[list[Tensor]] | None = None  # [column][scale] -> (V_column,) int64
+        self.images = 0
+
+    def update(self, sequence: Tensor) -> None:
+        """Count one batch of token sequences ``(B, L, K)`` in the layout's order."""
+        b, length, k = sequence.shape
+        if (length, k) != (self.layout.length, self.layout.tokens_per_step):
+            raise ValueError(f"VarCodebookUsage: expected token sequences (B, {self.layout.length}, "
+                             f"{self.layout.tokens_per_step}), got {tuple(sequence.shape)}")
+        if self.counts is None:
+            self.counts = [[torch.zeros(v, dtype=torch.long, device=sequence.device) for _ in self._spans]
+                           for v in self.layout.vocab_sizes]
+        for column, vocab in enumerate(self.layout.vocab_sizes):
+            for s, (start, stop) in enumerate(self._spans):
+                hits = torch.bincount(sequence[:, start:stop, column].reshape(-1).long(), minlength=vocab)
+                if hits.numel() > vocab:
+                    raise ValueError(f"VarCodebookUsage: index {hits.numel() - 1} out of range for codebook "
+                                     f"{self.layout.codebooks[column]!r} of size {vocab}")
+                self.counts[column][s] += hits
+        self.images += b
+
+    def per_slot(self) -> list[list[float]]:
+        """% of codes at or above the margin, ``[column][scale]``."""
+        if self.counts is None or self.images == 0:
+            return []
+        positions = self.images * self.layout.grid[0] * self.layout.grid[1]
+        out = []
+        for column, vocab in enumerate(self.layout.vocab_sizes):
+            margin = self.MARGIN * positions / vocab
+            out.append([100.0 * (c.double() >= margin).double().mean().item() for c in self.counts[column]])
+        return out
+
+    def compute(self) -> dict[str, float]:
+        slots = self.per_slot()
+        if not slots:
+            return {}
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        out = {"var_usage": mean([u for column in slots for u in column])}
+        names = list(dict.fromkeys(self.layout.codebooks))
+        if len(names) > 1:
+            for name in names:
+                out[f"var_usage/{name}"] = mean([u for c, column in enumerate(slots) if self.layout.codebooks[c] == name
+                                                 for u in column])
+        if self.layout.scales:
+            for s in range(len(self._spans)):
+                out[f"var_usage/scale{s}"] = mean([column[s] for column in slots])
+        return out

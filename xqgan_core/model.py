@@ -35,9 +35,15 @@ class TokenizerModel(nn.Module):
             return int(h), int(w)
         return downsampled_grid(self.downsample, height, width)  # an encoder not derived from Encoder
 
-    def forward(self, images: Tensor) -> tuple[Tensor, QuantOut]:
-        quant = self.quantizer(self.encoder(images))
-        return self.decoder(quant.z_q), quant
+    def forward(
+        self, images: Tensor, return_latents: bool = False
+    ) -> tuple[Tensor, QuantOut] | tuple[Tensor, QuantOut, Tensor]:
+        """(reconstruction, QuantOut), plus the encoder's latents before quantization with ``return_latents``
+        (aligners read them)."""
+        latents = self.encoder(images)
+        quant = self.quantizer(latents)
+        recon = self.decoder(quant.z_q)
+        return (recon, quant, latents) if return_latents else (recon, quant)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Indices:

@@ -67,7 +67,10 @@ class MultiLevelQuantizer(Quantizer):
     def forward(self, z: Tensor, keep: Keep = None) -> QuantOut:
         batch = z.shape[0]
         kept = self.draw_keep(batch, z.device) if keep is None else self.normalize_keep(keep, batch, z.device)
-        return self.quantize(z, kept)
+        out = self.quantize(z, kept)
+        if out.keep is None:  # aligners leave out the samples dropout truncated
+            out.keep = kept
+        return out
 
     def quantize(self, z: Tensor, keep: Tensor) -> QuantOut:
         """The forward pass with ``keep`` (B,) int64 levels kept per sample."""

@@ -1,4 +1,4 @@
-"""Learning-rate schedule (linear warm-up, cosine decay), an EMA of model weights and gradient clipping."""
+"""Learning-rate schedules (linear warm-up, cosine or linear decay), an EMA of model weights and gradient clipping."""
 
 from __future__ import annotations
 
@@ -19,6 +19,26 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - 
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def warmup_linear(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
+    """LR factor for step s: linear 0->1 over ``warmup`` steps, then linear 1->``min_ratio`` until ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - (1.0 - min_ratio) * progress
+
+    return factor
+
+
+def warmup_schedule(kind: str, warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
+    """The LR factor of ``train.lr_schedule``: ``"cosine"`` (``warmup_cosine``) or ``"linear"`` (``warmup_linear``)."""
+    schedules = {"cosine": warmup_cosine, "linear": warmup_linear}
+    if kind not in schedules:
+        raise ValueError(f"train.lr_schedule: unknown schedule {kind!r}; choose one of {sorted(schedules)}")
+    return schedules[kind](warmup, total, min_ratio)
 
 
 class EMA:

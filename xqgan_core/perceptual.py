@@ -32,6 +32,7 @@ __all__ = [
     "VGG16_FILE",
     "VGG16_SHA256_PREFIX",
     "VGG16_URL",
+    "download_checked",
     "download_vgg16",
     "hub_cache_path",
     "is_offline",
@@ -66,8 +67,8 @@ def is_offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
 
 
-def download_vgg16(destination: Path, url: str = VGG16_URL, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch the VGG16 file to ``destination`` as torchvision does: a partial file, SHA-256 prefix checked, then moved.
+def download_checked(url: str, destination: Path, sha256_prefix: str, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch ``url`` to ``destination`` as torch.hub does: a partial file, SHA-256 prefix checked, then moved.
 
     Raises OSError (no network, HTTP error, timeout) or RuntimeError (hash mismatch; nothing is left behind).
     """
@@ -75,9 +76,14 @@ def download_vgg16(destination: Path, url: str = VGG16_URL, timeout_s: float = D
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # torch.hub's urlopen has no timeout of its own
     try:
-        torch.hub.download_url_to_file(url, str(destination), hash_prefix=VGG16_SHA256_PREFIX, progress=sys.stderr.isatty())
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=sha256_prefix, progress=sys.stderr.isatty())
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def download_vgg16(destination: Path, url: str = VGG16_URL, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch the VGG16 file to ``destination`` as torchvision does (``download_checked``)."""
+    download_checked(url, destination, VGG16_SHA256_PREFIX, timeout_s)
 
 
 def _fetch_into_cache(path: Path) -> str | None:

@@ -19,7 +19,7 @@ from .catalog import Catalog, catalog
 from .config import ComponentSpec, to_plain, validate, validate_component
 from .errors import ConfigError
 from .run_checks import cross_table_problems, nesting_problems, not_implemented_tables
-from .runfile import RunConfig
+from .runfile import RunConfig, complete
 from .tomlwrite import dumps as toml_dumps
 
 if sys.version_info >= (3, 11):
@@ -77,7 +77,7 @@ class Registry:
             problems = cross_table_problems(cfg)
         if problems:
             raise ConfigError(problems, source=source)
-        return cls(cfg, source)
+        return cls(complete(cfg), source)
 
     # -- introspection -----------------------------------------------------------------------------------------
     def components(self) -> list[tuple[str, ComponentSpec]]:

@@ -7,6 +7,7 @@ Each function returns a list of problems ("key.path: what is wrong"), empty when
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .config import ComponentSpec
@@ -16,10 +17,7 @@ from .config import ComponentSpec
 MAX_NESTING = 64
 
 #: Tables accepted by the schema whose feature is not implemented yet: using one is an error, never ignored.
-NOT_IMPLEMENTED = {
-    "generator": "generators are not implemented yet: the [generator] table would be ignored, so it is refused; "
-    "remove it to train the tokenizer",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def nesting_problems(data: Any, limit: int = MAX_NESTING) -> list[str]:
@@ -45,10 +43,60 @@ def not_implemented_tables(data: Mapping[str, Any]) -> list[str]:
 def cross_table_problems(cfg: Any) -> list[str]:
     """Latent dimensions of encoder / quantizer / decoder, and data.resolution against the encoder and metrics.
 
-    ``cfg`` is a validated ``RunConfig``; components that do not declare a value are not checked.
+    ``cfg`` is a validated ``RunConfig``; components that do not declare a value are not checked. A generator run
+    (``cfg.kind == "generator"``) has no tokenizer tables: its [tokenizer] run must exist.
     """
+    if cfg.kind == "generator":
+        return _tokenizer_run(cfg.tokenizer.run if cfg.tokenizer is not None else "")
     return (_latent_dims(cfg.encoder, cfg.quantizer, cfg.decoder) + _branches(cfg.encoder, cfg.quantizer)
-            + _resolution(cfg.data, cfg.encoder))
+            + _resolution(cfg.data, cfg.encoder) + _aligner_views(cfg.aligners, cfg.quantizer))
+
+
+def _tokenizer_run(run: str) -> list[str]:
+    """[tokenizer] run must name a tokenizer run (out_dir or checkpoint folder, or a file inside one), a foreign
+    checkpoint file ``Tokenizer.from_pretrained`` converts, or a Hugging Face repo id (resolved when loading)."""
+    from . import checkpoint as ckpt
+    from .pretrained import _REPO_ID, _is_foreign_file
+
+    if not run:
+        return []  # RunConfig.check already reported the missing table / option
+    path = Path(run).expanduser()
+    if not path.exists():
+        if _REPO_ID.fullmatch(run):
+            return []
+        return [f"tokenizer.run: no tokenizer run at {str(path.resolve())!r} (no such file or folder, and not a "
+                "Hugging Face repo id 'owner/name'); train the tokenizer first (xqgan-run TOKENIZER.toml) and give "
+                "its out_dir"]
+    if path.is_file() and _is_foreign_file(path):
+        return []
+    folder = path.parent if path.is_file() else path
+    is_checkpoint = all((folder / f).is_file() for f in (ckpt.STATE, ckpt.RUN, ckpt.META))
+    if not is_checkpoint and not ckpt.complete_checkpoints(folder):
+        return [f"tokenizer.run: {str(path)!r} holds no tokenizer checkpoint (expected a tokenizer run's out_dir, one "
+                f"of its checkpoint folders, or a file inside one)"]
+    return []
+
+
+def _aligner_views(aligners: Any, quantizer: ComponentSpec | None) -> list[str]:
+    """Each aligner's branch (and scale) must exist in the quantizer (``Quantizer.config_code_views``)."""
+    views = None
+    if quantizer is not None and callable(getattr(quantizer.cls, "config_code_views", None)):
+        views = quantizer.cls.config_code_views(quantizer.config)
+    problems = []
+    for i, spec in enumerate(aligners or ()):
+        config_view = getattr(spec.cls, "config_view", None)
+        wanted = config_view(spec.config) if callable(config_view) and views is not None else None
+        if wanted is None:
+            continue
+        branch, scale = wanted
+        for key, value, check in (("branch", branch, views.branch_index), ("scale", scale, views.scale_index)):
+            if value is None:
+                continue
+            try:
+                check(value)
+            except ValueError as exc:
+                problems.append(f"aligners[{i}].{key}: {exc} (quantizer '{quantizer.use}')")
+    return problems
 
 
 def _branches(encoder: ComponentSpec | None, quantizer: ComponentSpec | None) -> list[str]:

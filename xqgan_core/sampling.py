@@ -79,16 +79,34 @@ class KVCache:
     """Keys and values of one attention layer, grown along the sequence dim (-2) as sampling proceeds.
 
     ``append(k, v)`` stores the new ``(B, heads, t, d)`` entries and returns everything cached so far; ``reset()``
-    empties it. Preallocating would save copies on long sequences; sequences here are at most a few thousand steps.
+    empties it. Without ``capacity`` each append concatenates (a copy of the whole cache per call: fine for VAR's ten
+    scales); with ``capacity`` (the total length the caller will append) the first append allocates buffers of that
+    length and later ones write into them, returning views, so token-by-token decoding copies nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"KVCache: capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+            return self.k, self.v
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: appending {k.shape[-2]} steps to {start} exceeds the capacity {self.capacity}")
+        if self._buffers is None:
+            shape = (*k.shape[:-2], self.capacity, k.shape[-1])
+            self._buffers = (k.new_empty(shape), v.new_empty((*v.shape[:-2], self.capacity, v.shape[-1])))
+        buf_k, buf_v = self._buffers
+        buf_k[..., start:end, :] = k
+        buf_v[..., start:end, :] = v
+        self.k, self.v = buf_k[..., :end, :], buf_v[..., :end, :]
         return self.k, self.v
 
     @property
@@ -97,3 +115,4 @@ class KVCache:
 
     def reset(self) -> None:
         self.k = self.v = None
+        self._buffers = None

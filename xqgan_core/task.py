@@ -98,6 +98,11 @@ class Task(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Plain JSON facts written into every checkpoint's ``meta.json``: what a loader needs without reading the
+        optimizer state (a generator run records its token layout, classes and tokenizer)."""
+        return {}
+
     def header_lines(self) -> list[str]:
         """Lines for the run header (what is trained, with how many parameters)."""
         return []

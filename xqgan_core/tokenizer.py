@@ -232,14 +232,15 @@ class Tokenizer:
         filename: str | None = None,
         revision: str | None = None,
         hf_cache_dir: str | Path | None = None,
-        format: str = "llamagen",
+        format: str = "auto",
         preset: str | Path | None = None,
         device: Device | str | torch.device | None = None,
         use_ema: bool = True,
     ) -> Tokenizer:
         """Load a run / checkpoint folder (as ``from_checkpoint``), a foreign checkpoint file (``format``, e.g. a
-        LlamaGen VQ ``.pt``, converted once into the xqgan cache with ``preset``) or ``filename`` of a Hugging
-        Face repo id through the hub's cache (``revision``, ``hf_cache_dir``). See :mod:`xqgan_core.pretrained`."""
+        LlamaGen VQ ``.pt``, converted once into the xqgan cache with ``preset``), ``filename`` of a Hugging
+        Face repo id, or (without ``filename``) the run folder a repo id holds, through the hub's cache
+        (``revision``, ``hf_cache_dir``). See :mod:`xqgan_core.pretrained`."""
         from .pretrained import resolve_pretrained
 
         path = resolve_pretrained(
@@ -320,12 +321,17 @@ def evaluate_folder(
     lpips_weights: str | Path | None = None,
     device: Device | str | torch.device | None = None,
     progress: bool = True,
+    rfid: bool = False,
+    reference: str | Path | None = None,
+    inception_weights: str | Path | None = None,
 ) -> dict[str, float]:
     """Metrics of a checkpoint on every image under ``data_root`` (centre crops at the run's resolution).
 
     ``max_images`` > 0 evaluates a seeded random subset of that many images. Returns psnr, ssim, lpips (only
     when the LPIPS backbone weights are available: ``lpips_weights``, else the run's ``loss.lpips_weights`` if that
-    file exists here, else the torch hub cache), utilization, perplexity and images.
+    file exists here, else the torch hub cache), utilization, var_usage, perplexity and images. With ``rfid`` (or
+    a ``reference``: an ``.npz`` of statistics or a folder, centre-cropped at the same resolution) also ``rfid``,
+    the FID of the reconstructions against the originals (or that reference); see ``xqgan_core.fid``.
     """
     tok = Tokenizer.from_checkpoint(checkpoint, device=device, use_ema=use_ema)
     size = resolution or tok.resolution
@@ -349,8 +355,18 @@ def evaluate_folder(
     module = load_lpips(weights or None, tok.torch_device)  # None (with one warning) without backbone weights
     perceptual = Perceptual(module).to(tok.torch_device) if module is not None else None
 
+    fid = None
+    if rfid or reference is not None:
+        from .fid import ReconstructionFid, load_reference
+        from .inception import load_inception
+
+        net = load_inception(inception_weights, tok.torch_device)
+        ref = None if reference is None else load_reference(reference, net, resolution=int(size), progress=progress)
+        fid = ReconstructionFid(net, ref)
+
     model = tok.device.wrap_for_eval(tok.model)
-    metrics, _ = evaluate(model, dataset, tok.device, batch_size=batch_size, perceptual=perceptual, progress=progress)
+    metrics, _ = evaluate(model, dataset, tok.device, batch_size=batch_size, perceptual=perceptual, progress=progress,
+                          rfid=fid)
     return metrics
 
 

@@ -1,6 +1,6 @@
 """The tokenizer recipe as a ``Task``: encoder -> quantizer -> decoder trained with reconstruction, perceptual,
 quantizer, alignment and adversarial terms (the adversarial one scaled by the adaptive weight), discriminators
-trained with LeCam and lazy R1, an EMA of the weights, ``train.init_from`` and adapters for fine-tuning.
+trained with LeCam and lazy R1 and seeing images through DiffAug (``loss.diffaug``), an EMA of the weights, ``train.init_from`` and adapters for fine-tuning.
 
 The loop around it (data order, read-back, skipping, checkpoints, cadence) is the ``Trainer``'s.
 """
@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .alignment import AlignmentInputs, shared_teachers
+from .diffaug import DiffAug
 from .distributed import all_reduce_mean_grads, broadcast_buffers, broadcast_module_state, wrap_ddp
 from .errors import CheckpointError, ConfigError
 from .evaluation import evaluate, save_grid
 from .losses import LeCam, adaptive_weight, adversarial_loss, discriminator_loss, r1_penalty
 from .model import TokenizerModel
-from .optim import EMA, clip_gradients, warmup_cosine
+from .optim import EMA, clip_gradients, warmup_schedule
 from .perceptual import Perceptual, load_lpips
 from .registry import Registry
 from .task import Batch, Runtime, Task, TensorState
@@ -55,7 +57,13 @@ class TokenizerTask(Task):
         self.initialised_from = None if resuming else self._init_from_checkpoint(model, discs)
         for adapter in cfg.adapters:
             model = adapter.build().apply(model)
-        aligners = nn.ModuleList([spec.build() for spec in cfg.aligners])
+        with shared_teachers():  # aligners with equal teacher options load and run one teacher
+            aligners = nn.ModuleList([spec.build() for spec in cfg.aligners])
+        for i, aligner in enumerate(aligners):  # heads are sized for the quantizer's codes (before the optimizer)
+            try:
+                aligner.attach(model.quantizer)
+            except ValueError as exc:
+                raise ConfigError([f"aligners[{i}] ({cfg.aligners[i].use}): {exc}"], source=registry.source) from exc
         model.to(dev)
         discs.to(dev)
         aligners.to(dev)
@@ -67,15 +75,19 @@ class TokenizerTask(Task):
         self.adaptive_ref = _adaptive_reference(model) if lw.adaptive_weight and len(discs) else None
         self.train_model = wrap_ddp(model, dev)
         broadcast_module_state(discs)  # every rank starts from rank 0's discriminators
+        broadcast_module_state(aligners)  # ... and aligner heads (teachers are loaded identically by every rank)
 
         self.perceptual = self._load_perceptual(dev)
-        params = [p for p in model.parameters() if p.requires_grad]
+        # the aligners' heads train with the tokenizer; their frozen teachers are not parameters at all
+        params = [p for p in (*model.parameters(), *aligners.parameters()) if p.requires_grad]
+        self.tokenizer_params = params
         self.tokenizer_opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.lr_factor = warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio)
+        self.lr_factor = warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio)
         self.tokenizer_sched = torch.optim.lr_scheduler.LambdaLR(self.tokenizer_opt, self.lr_factor)
         self.disc_opt = (torch.optim.AdamW(discs.parameters(), lr=t.disc_lr, betas=t.betas,
                                            weight_decay=t.disc_weight_decay) if len(discs) else None)
         self.lecam = LeCam(lw.lecam_decay).to(dev)
+        self.diffaug = DiffAug.from_loss_section(lw)  # None when loss.diffaug is off
         self.lecam_before_step: dict[str, Tensor] = {}
         self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
 
@@ -89,6 +101,8 @@ class TokenizerTask(Task):
             parts["ema"] = self.ema
         if len(self.discs):
             parts["discriminators"] = self.discs
+        if any(True for _ in self.aligners.parameters()):
+            parts["aligner_heads"] = self.aligners
         return parts
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -134,7 +148,7 @@ class TokenizerTask(Task):
             # DDP all-reduces gradients in backward: only the last micro-batch of an accumulated step needs it
             sync = i == accum - 1 or not hasattr(self.train_model, "no_sync")
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
-                recon, quant_stats, terms = self.tokenizer_loss_terms(x, disc_on, sums, accum)
+                recon, quant_stats, terms = self.tokenizer_loss_terms(x, disc_on, sums, accum, step=step)
                 loss = sum(terms.values())
                 self.runtime.precision.backward(loss / accum)
             for name, value in {"loss": loss, **terms}.items():
@@ -144,20 +158,22 @@ class TokenizerTask(Task):
             if disc_on:
                 fakes.append((x, recon.detach()))
         self.runtime.precision.unscale_(self.tokenizer_opt)
+        all_reduce_mean_grads(self.aligners.parameters())  # heads are not in DDP: averaged by hand
         # the same on every rank (DDP all-reduced the gradients)
-        sums["grad_norm"] = clip_gradients(self.model.parameters(), t.grad_clip)
+        sums["grad_norm"] = clip_gradients(self.tokenizer_params, t.grad_clip)
         if disc_on:
             sums.update(self._discriminator_grads(fakes, step))
         return sums
 
     def tokenizer_loss_terms(
-        self, x: Tensor, disc_on: bool, sums: dict[str, Tensor], accum: int
+        self, x: Tensor, disc_on: bool, sums: dict[str, Tensor], accum: int, step: int = 0
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         """Reconstruction, quantizer stats and weighted loss terms (``rec``, ``perceptual``, ``q/*``, ``align``,
         ``adv``) of one micro-batch; the adaptive weight is added to ``sums``."""
         lw = self.cfg.loss
+        aligning = len(self.aligners) > 0 and lw.alignment > 0
         with self.runtime.precision.autocast():
-            recon, quant = self.train_model(x)
+            recon, quant, *latents = self.train_model(x, return_latents=True) if aligning else self.train_model(x)
         recon = recon.float()
         rec = lw.l2 * F.mse_loss(recon, x) + (lw.l1 * F.l1_loss(recon, x) if lw.l1 > 0 else 0.0)
         terms: dict[str, Tensor] = {"rec": rec}
@@ -166,11 +182,18 @@ class TokenizerTask(Task):
         nll = sum(terms.values())
         for name, value in quant.losses.items():
             terms[f"q/{name}"] = lw.quantizer * value.float()
-        if len(self.aligners) and lw.alignment > 0:
-            terms["align"] = lw.alignment * sum(a(x, quant) for a in self.aligners)
+        if aligning:
+            inputs = AlignmentInputs(x, latents[0], quant, self.model.quantizer, step)
+            align = x.new_zeros(())
+            for i, aligner in enumerate(self.aligners):
+                for name, value in aligner(inputs).items():
+                    align = align + value.float()
+                    _accumulate(sums, f"align/{i}/{name}", value.detach().float() / accum)
+            terms["align"] = lw.alignment * align
         if disc_on and lw.adversarial > 0:
+            seen = self.disc_view(recon)  # augmented (loss.diffaug), differentiably: the gradient reaches recon
             with self.runtime.precision.autocast():
-                adv = sum(adversarial_loss(lw.disc_loss, d(recon).float()) for d in self.discs)
+                adv = sum(adversarial_loss(lw.disc_loss, d(seen).float()) for d in self.discs)
             weight = (adaptive_weight(nll, adv, self.adaptive_ref, lw.adaptive_max)
                       if self.adaptive_ref is not None else torch.ones((), device=x.device))
             terms["adv"] = lw.adversarial * weight * adv
@@ -187,7 +210,8 @@ class TokenizerTask(Task):
         # LeCam's anchors move in forward: kept to undo them if the whole step is skipped
         self.lecam_before_step = {k: v.clone() for k, v in self.lecam.state_dict().items()}
         sums: dict[str, Tensor] = {}
-        for x, fake in fakes:
+        for real, fake in fakes:
+            x, fake = self.disc_view(real), self.disc_view(fake)  # independent DiffAug draws (loss.diffaug)
             loss = x.new_zeros(())
             with self.runtime.precision.autocast():
                 for d in self.discs:
@@ -209,6 +233,11 @@ class TokenizerTask(Task):
         broadcast_buffers(self.discs)
         sums["d_grad_norm"] = clip_gradients(self.discs.parameters(), t.grad_clip)
         return sums
+
+    def disc_view(self, images: Tensor) -> Tensor:
+        """What the discriminators see of ``images``: their DiffAug (``loss.diffaug``, random per sample from the
+        device's global RNG, which checkpoints restore) or the images themselves."""
+        return images if self.diffaug is None else self.diffaug(images)
 
     def apply_step(self, values: dict[str, float], step: int) -> dict[str, float] | None:
         precision = self.runtime.precision
@@ -273,6 +302,12 @@ class TokenizerTask(Task):
             f"data: {len(self.train_images)} training / {len(self.eval_images)} held-out images",
             f"perceptual loss / LPIPS: {'on' if self.perceptual is not None else 'OFF (no LPIPS backbone weights)'}",
         ]
+        for spec, aligner in zip(self.cfg.aligners, self.aligners):
+            view = aligner.config_view(aligner.config) or ("?", None)
+            head = sum(p.numel() for p in aligner.parameters())
+            frozen = sum(p.numel() for part in aligner.frozen_parts().values() for p in part.parameters())
+            lines.append(f"aligner {spec.use} on branch {view[0]}: head {head:,} params (trained), "
+                         f"teacher {frozen:,} params (frozen)")
         if self.initialised_from:
             lines.append(f"weights from {self.initialised_from}")
         return lines
@@ -281,10 +316,11 @@ class TokenizerTask(Task):
         rows = []
         thumbnail = self._thumbnail_label()
         for key, label in [("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
-                           ("utilization", "codebook utilization"), ("perplexity", "codebook perplexity")]:
+                           ("utilization", "codebook utilization"), ("var_usage", "codebook usage (VAR margin)"),
+                           ("perplexity", "codebook perplexity")]:
             if key in metrics:
                 value = metrics[key]
-                shown = f"{value:.1f} %" if key == "utilization" else f"{value:.4f}"
+                shown = f"{value:.1f} %" if key in ("utilization", "var_usage") else f"{value:.4f}"
                 if f"thumbnail/{key}" in metrics:  # the baseline every tokenizer should beat
                     shown += f"   ({thumbnail}: {metrics[f'thumbnail/{key}']:.4f})"
                 rows.append((label, shown))

@@ -161,6 +161,10 @@ class FolderData(DataSource):
     def problems(self) -> Sequence[str]:
         return self._problems.entries()
 
+    def class_names(self) -> Sequence[str]:
+        """The class sub-folders in label order; none for a flat folder (its images are unlabelled)."""
+        return () if self.classes == [""] else tuple(self.classes)
+
 
 def _list_images(root: Path, extensions: Sequence[str]) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image under ``root`` sorted by relative path, and the class names.

@@ -195,3 +195,7 @@ class SampleData(DataSource):
 
     def problems(self) -> Sequence[str]:
         return self._problems.entries()
+
+    def class_names(self) -> Sequence[str]:
+        """One class per photograph (``images``, in order; held-out ones included): label = its position."""
+        return tuple(dict.fromkeys(self.config.images))

@@ -16,23 +16,32 @@ the contract classes work without it).
 
 from __future__ import annotations
 
+from .aligners import AlignerContract, TinyTeacher
 from .contracts import (
     ComponentContract,
     DecoderContract,
     DiscriminatorContract,
     EncoderContract,
+    FrozenPartsContract,
     ModuleContract,
     QuantizerContract,
     TINY_VQ,
     tiny_quantizer,
 )
 from .fixtures import offline_env, tmp_torch_home
+from .generator_contract import GeneratorContract
+from .tiny_generator import TinyARGenerator
 
 __all__ = [
+    "AlignerContract",
+    "TinyTeacher",
     "ComponentContract",
     "DecoderContract",
     "DiscriminatorContract",
     "EncoderContract",
+    "FrozenPartsContract",
+    "GeneratorContract",
+    "TinyARGenerator",
     "ModuleContract",
     "QuantizerContract",
     "TINY_VQ",

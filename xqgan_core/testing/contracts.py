@@ -391,7 +391,33 @@ class DecoderContract(ModuleContract):
         assert any(p is m.last_layer for p in m.parameters())
 
 
-class DiscriminatorContract(ModuleContract):
+class FrozenPartsContract:
+    """Mixed into the contracts of kinds that may hold frozen networks (``xqgan_core.frozen``): every frozen part
+    stays out of ``parameters()`` and ``state_dict()``, stays in eval mode and never receives a gradient, while
+    gradients still reach the input through it. Skipped, with the reason, for a component without frozen parts."""
+
+    def test_frozen_parts_are_not_trained_or_saved(self) -> None:
+        from ..frozen import all_frozen_parts
+
+        m = self.make().train()  # type: ignore[attr-defined]
+        parts = all_frozen_parts(m)
+        if not parts:
+            pytest.skip("no frozen parts (nothing held with hold_frozen)")
+        own = {id(p) for p in m.parameters()}
+        saved = {t.data_ptr() for t in m.state_dict().values()}
+        for name, part in parts.items():
+            params = list(part.parameters())
+            assert not any(id(p) in own for p in params), f"frozen part {name} is in parameters() (an optimizer's)"
+            assert not any(p.data_ptr() in saved for p in params), f"frozen part {name} is in state_dict()"
+            assert not part.training, f"frozen part {name} left eval mode"
+        x = self.example_input(m).clone().requires_grad_(True)  # type: ignore[attr-defined]
+        out = self.output_of(m, x)  # type: ignore[attr-defined]
+        (out.float() * torch.randn_like(out.float())).sum().backward()
+        for name, part in parts.items():
+            assert all(p.grad is None for p in part.parameters()), f"frozen part {name} received a gradient"
+
+
+class DiscriminatorContract(FrozenPartsContract, ModuleContract):
     kind = "discriminator"
     image_size: ClassVar[int] = 32
 

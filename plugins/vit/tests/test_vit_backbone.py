@@ -363,3 +363,32 @@ def test_validation_refuses_encoder_and_pq_branch_counts_that_differ(tmp_path: P
     with pytest.raises(ConfigError, match=r"quantizer.branches: 4 does not match encoder.branches = 2"):
         Registry.from_toml(run)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_math_and_fused_attention_agree_and_auto_picks_math_under_cpu_bf16_autocast(kind: str) -> None:
+    make = _encoder if kind == "encoder" else _decoder
+    fused, math = make(attention="fused").train(), make(attention="math").train()
+    auto = make().train()  # attention = "auto"
+    math.load_state_dict(fused.state_dict())
+    auto.load_state_dict(fused.state_dict())
+    x = torch.randn((2, 3, 32, 32) if kind == "encoder" else (2, 8, 3, 3), generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for m in (fused, math):
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad for p in m.parameters()])
+        assert all(b.attn.fused_attn == (m is fused) for b in m.trunk.blocks)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    auto(x)
+    assert all(b.attn.fused_attn for b in auto.trunk.blocks)  # fp32: the fused kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = auto(x)
+    assert not any(b.attn.fused_attn for b in auto.trunk.blocks)  # CPU bf16: the math form
+    assert torch.isfinite(y16).all()
+    err = (y16.float() - outs[0]).norm() / outs[0].norm()
+    assert err < 0.03, f"bf16 output differs from fp32 by {err:.3f} (relative)"

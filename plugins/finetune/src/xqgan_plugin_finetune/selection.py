@@ -20,9 +20,12 @@ def select(names: Iterable[str], patterns: Sequence[str], what: str, option: str
     unmatched = [p for p in patterns if not any(matches(n, p) for n in names)]
     if unmatched:
         parts = ", ".join(name for name, _ in model.named_children())
+        # a pattern written as a suffix (peft style: 'mlp.fc*') matches full names once it starts with '*.'
+        hints = [f"'*.{p}'" for p in unmatched if any(fnmatchcase(n, f"*.{p}") for n in names)]
+        hint = f"; did you mean {', '.join(hints)}?" if hints else ""
         raise ValueError(
             f"{option}: {', '.join(repr(p) for p in unmatched)} match(es) no {what} of the model "
-            f"(top-level parts: {parts}; patterns are dotted names or globs such as 'decoder.up.*')"
+            f"(top-level parts: {parts}; patterns are dotted names or globs such as 'decoder.up.*'){hint}"
         )
     return [n for n in names if any(matches(n, p) for p in patterns)]
 

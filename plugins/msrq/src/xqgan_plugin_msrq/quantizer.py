@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xqgan_core import ComponentSpec, at_least, between, component, config, each, non_empty, option, positive, section
-from xqgan_core.interfaces import Indices, QuantOut, Quantizer
+from xqgan_core.interfaces import CodeViews, Indices, QuantOut, Quantizer
 from xqgan_core.multilevel import Keep, MultiLevelQuantizer
 from xqgan_core.quant_ops import (
     LevelDropout,
@@ -336,6 +336,39 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
         with torch.no_grad():
             return self.forward(z, keep=self.num_levels).indices
 
+    # -- views for aligners ----------------------------------------------------------------------------------------
+    @classmethod
+    def config_code_views(cls, config: Config) -> CodeViews | None:
+        return CodeViews(branches=1, scales=tuple(config.scales), dim=cls.config_dim(config))
+
+    def code_views(self) -> CodeViews:
+        return CodeViews(branches=1, scales=self.scales, dim=int(self.dim))
+
+    def code_view(self, quant: QuantOut, latents: Tensor, branch: int = 0, scale: int | None = None) -> Tensor:
+        """Scale ``k``'s view: the codes accumulated over scales ``0..k`` (what the decoder would get from a sample
+        keeping ``k + 1`` scales), area-resampled to scale ``k``'s ``s x s`` token grid, with the straight-through
+        gradient to ``latents``. ``None`` (or the last scale): ``quant.z_q`` itself."""
+        views = self.code_views()
+        views.branch_index(branch)
+        k = None if scale is None else views.scale_index(scale)
+        if k is None or k == self.num_levels - 1:
+            return quant.z_q
+        if not isinstance(quant.indices, (list, tuple)):
+            raise ValueError("msrq.code_view needs the per-scale index maps of msrq's own forward")
+        b = latents.shape[0]
+        kept = torch.full((b,), k + 1, dtype=torch.long, device=latents.device)
+        if quant.keep is not None:
+            kept = torch.minimum(kept, quant.keep)
+        s = self.scales[k]
+        with torch.no_grad():  # no gradient to the codebook or phi (straight-through, as for z_q)
+            f_hat = F.interpolate(self.indices_to_codes(list(quant.indices), keep=kept), size=(s, s), mode="area")
+        with autocast_disabled(latents.device):
+            f = latents.to(torch.promote_types(latents.dtype, torch.float32))
+            if self.config.normalize_input:
+                f = F.normalize(f, dim=1)
+            f = F.interpolate(f, size=(s, s), mode="area")
+            return straight_through(f, f_hat).to(quant.z_q.dtype)
+
     # -- token sequences for a next-scale generator ---------------------------------------------------------------
     @property
     def token_count(self) -> int:
@@ -348,6 +381,42 @@ class MultiScaleResidualQuantizer(MultiLevelQuantizer):
             raise ValueError(f"msrq: the latent grid must be {self.scales[-1]}x{self.scales[-1]} (the last scale), "
                              f"got {h}x{w}")
         return self.code.token_layout(h, w).over_scales(self.scales)
+
+    # -- next-scale inputs (xqgan_core.interfaces.NextScaleInputs) -------------------------------------------------
+    def next_scale_dim(self) -> int:
+        """Channels of the next-scale inputs: the codes' ``dim``."""
+        return int(self.dim)
+
+    def next_scale_inputs(self, indices: Indices) -> list[Tensor]:
+        """Per-scale index maps -> the input of every scale after the first, ``(B, dim, s_k, s_k)`` fp32: the
+        codes of the earlier scales accumulated by ``forward``'s path, area-resampled to ``s_k``."""
+        if not isinstance(indices, (list, tuple)) or len(indices) != self.num_levels:
+            raise ValueError(f"msrq expects a list of {self.num_levels} index maps, one per scale {self.scales}")
+        f_hat: Tensor | None = None
+        inputs: list[Tensor] = []
+        for k in range(self.num_levels - 1):  # the last scale's codes feed no input
+            f_hat, nxt = self.accumulate_scale(f_hat, k, indices[k])
+            assert nxt is not None
+            inputs.append(nxt)
+        return inputs
+
+    def accumulate_scale(self, f_hat: Tensor | None, k: int, indices_k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``f_hat + phi_k(upsample(code(indices_k)))`` (fp32, ``(B, dim, H, H)``) and scale ``k + 1``'s input,
+        ``f_hat`` area-resampled to its side (None after the last scale)."""
+        if not 0 <= k < self.num_levels:
+            raise ValueError(f"msrq: scale {k} does not exist (scales {list(self.scales)})")
+        s = self.scales[k]
+        if not isinstance(indices_k, Tensor) or indices_k.ndim != 3 or tuple(indices_k.shape[1:]) != (s, s):
+            got = tuple(indices_k.shape) if isinstance(indices_k, Tensor) else type(indices_k).__name__
+            raise ValueError(f"msrq: scale {k}'s index map must be (B, {s}, {s}), got {got}")
+        size = self.scales[-1]
+        with autocast_disabled(indices_k.device):
+            h = self._contribution(indices_k.long(), k, size, self._table())
+            f_hat = h if f_hat is None else f_hat + h
+            if k == self.num_levels - 1:
+                return f_hat, None
+            nxt = self.scales[k + 1]
+            return f_hat, f_hat if nxt == size else F.interpolate(f_hat, size=(nxt, nxt), mode="area")
 
     def extra_repr(self) -> str:
         c = self.config

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from xqgan_core import ComponentSpec, component, config, option, positive
-from xqgan_core.interfaces import Indices, QuantOut
+from xqgan_core.interfaces import CodeViews, Indices, NextScaleInputs, QuantOut
 from xqgan_core.multilevel import Keep, MultiLevelQuantizer
 from xqgan_core.quant_ops import LevelDropout, mean_losses, nested_stats
 from xqgan_core.token_layout import BRANCH, TokenLayout
@@ -111,6 +111,56 @@ class ProductQuantizer(MultiLevelQuantizer):
         with torch.no_grad():
             groups = z.split(self.branch_dim, dim=1)
             return _stack_branches([b.codes_to_indices(g) for b, g in zip(self.branches, groups)])
+
+    # -- views for aligners ------------------------------------------------------------------------------------------
+    @classmethod
+    def config_code_views(cls, config: Config) -> CodeViews | None:
+        """P branches, each with its branch quantizer's scales."""
+        inner = config.branch.cls.config_code_views(config.branch.config)
+        branch_dim = config.branch.cls.config_dim(config.branch.config)
+        return CodeViews(branches=config.branches, scales=inner.scales if inner else (), dim=branch_dim)
+
+    def code_views(self) -> CodeViews:
+        return CodeViews(branches=self.config.branches, scales=self.branches[0].code_views().scales,
+                         dim=self.branch_dim)
+
+    def code_view(self, quant: QuantOut, latents: Tensor, branch: int = 0, scale: int | None = None) -> Tensor:
+        """Branch ``branch``'s channel group, at ``scale`` as its branch quantizer defines it."""
+        p = self.code_views().branch_index(branch)
+        group = slice(p * self.branch_dim, (p + 1) * self.branch_dim)
+        own = QuantOut(z_q=quant.z_q[:, group], indices=self._split_branches(quant.indices)[p], keep=quant.keep)
+        return self.branches[p].code_view(own, latents[:, group], 0, scale)
+
+    # -- next-scale inputs (xqgan_core.interfaces.NextScaleInputs) -----------------------------------------------
+    def _next_scale_branches(self) -> list[NextScaleInputs]:
+        branches = list(self.branches)
+        if not all(isinstance(b, NextScaleInputs) for b in branches):
+            raise ValueError(
+                f"pq: its branch quantizer {self.config.branch.use!r} offers no next-scale inputs; a next-scale "
+                "(VAR) generator needs multi-scale branches (branch use = 'msrq')")
+        return branches  # type: ignore[return-value]
+
+    def next_scale_dim(self) -> int:
+        """Channels of the next-scale inputs: the branches' channels, concatenated."""
+        return sum(b.next_scale_dim() for b in self._next_scale_branches())
+
+    def next_scale_inputs(self, indices: Indices) -> list[Tensor]:
+        """Each branch's next-scale inputs (from its indices), concatenated along the channels per scale."""
+        branches = self._next_scale_branches()
+        per_branch = [b.next_scale_inputs(i) for b, i in zip(branches, self._split_branches(indices))]
+        return [torch.cat(maps, dim=1) for maps in zip(*per_branch)]
+
+    def accumulate_scale(self, f_hat: Tensor | None, k: int, indices_k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Scale ``k``'s ``(B, P, s, s)`` indices added branch by branch to its channel group of ``f_hat``."""
+        branches = self._next_scale_branches()
+        p = len(branches)
+        if not isinstance(indices_k, Tensor) or indices_k.ndim != 4 or indices_k.shape[1] != p:
+            got = tuple(indices_k.shape) if isinstance(indices_k, Tensor) else type(indices_k).__name__
+            raise ValueError(f"pq: scale {k}'s indices must be (B, {p}, s, s), got {got}")
+        groups = [None] * p if f_hat is None else list(f_hat.split([b.next_scale_dim() for b in branches], dim=1))
+        outs = [b.accumulate_scale(g, k, indices_k[:, i]) for i, (b, g) in enumerate(zip(branches, groups))]
+        nxt = None if outs[0][1] is None else torch.cat([o[1] for o in outs], dim=1)  # type: ignore[misc]
+        return torch.cat([o[0] for o in outs], dim=1), nxt
 
     def _split_branches(self, indices: Indices) -> list[Indices]:
         p = self.config.branches

@@ -9,7 +9,8 @@ from xqgan_core.config import config, option, positive
 from xqgan_core.interfaces import Decoder
 
 from .options import TrunkOptions
-from .trunk import build_trunk, check_trunk_options, grid_positions, run_blocks
+from .trunk import (build_trunk, check_positional_init, check_trunk_options, grid_positions,
+                    positional_routing_init, run_blocks)
 from xqgan_core.timm_weights import load_trunk_weights
 
 
@@ -32,6 +33,7 @@ class ViTDecoder(Decoder):
         super().__init__(config)
         c = config
         check_trunk_options(c, "decoder")
+        check_positional_init(c, "decoder")
         self.in_dim = c.in_dim
         self.grid = (c.image_size // c.patch_size,) * 2
         self.upsample_to = c.image_size
@@ -45,6 +47,13 @@ class ViTDecoder(Decoder):
         self.level_embed = nn.Embedding(2, c.embed_dim)  # 0: CLS + mask tokens, 1: CLS + latent tokens
         nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
         self.to_pixels = nn.Linear(c.embed_dim, c.patch_size**2 * 3)
+        if c.positional_init:
+            positional_routing_init(self.trunk)
+            with torch.no_grad():  # latents write content channels only, the pixels read content channels only
+                half = c.embed_dim // 2
+                self.project_in.weight[:half] = 0
+                self.project_in.bias[:half] = 0
+                self.to_pixels.weight[:, :half] = 0
 
     @property
     def last_layer(self) -> Tensor:
@@ -61,7 +70,8 @@ class ViTDecoder(Decoder):
         tokens = self.project_in(latents.flatten(2).transpose(1, 2))  # (B, K^2, D), row-major like the encoder
         latent_part = torch.cat([cls.expand(b, -1, -1), tokens + grid_positions(trunk, self.grid, (kh, kw))], dim=1)
         x = torch.cat([image_part.expand(b, -1, -1), latent_part + self.level_embed.weight[1]], dim=1)
-        x = run_blocks(trunk, trunk.norm_pre(x), self.config.checkpointing and self.training)
+        x = run_blocks(trunk, trunk.norm_pre(x), self.config.checkpointing and self.training,
+                       self.config.attention)
         pixels = self.to_pixels(x[:, 1:1 + g * g])  # (B, g^2, p*p*3)
         p = self.config.patch_size
         return pixels.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)

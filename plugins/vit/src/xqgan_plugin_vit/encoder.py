@@ -10,7 +10,8 @@ from xqgan_core.errors import ConfigError
 from xqgan_core.interfaces import Encoder
 
 from .options import TrunkOptions
-from .trunk import build_trunk, check_trunk_options, grid_positions, run_blocks
+from .trunk import (build_trunk, check_positional_init, check_trunk_options, grid_positions,
+                    positional_routing_init, run_blocks)
 from xqgan_core.timm_weights import load_trunk_weights
 
 #: std of the latent queries' initialisation: tiny, so they start as (almost) pure position + level embeddings
@@ -47,6 +48,7 @@ class ViTEncoder(Encoder):
         super().__init__(config)
         c = config
         check_trunk_options(c, "encoder")
+        check_positional_init(c, "encoder")
         if c.out_dim % c.branches:
             raise ConfigError([f"encoder.out_dim ({c.out_dim}) must be a multiple of encoder.branches ({c.branches})"])
         self.out_dim = c.out_dim
@@ -63,6 +65,14 @@ class ViTEncoder(Encoder):
         self.level_embed = nn.Embedding(1 + c.branches, c.embed_dim)
         nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
         self.project = nn.Linear(c.embed_dim, self.code_dim)
+        if c.positional_init:
+            positional_routing_init(self.trunk)
+            with torch.no_grad():  # patches write content channels only, the latents read content channels only
+                half = c.embed_dim // 2
+                self.trunk.patch_embed.proj.weight[:half] = 0
+                if self.trunk.patch_embed.proj.bias is not None:
+                    self.trunk.patch_embed.proj.bias[:half] = 0
+                self.project.weight[:, :half] = 0
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """K x K (``latent_size``) for images of exactly ``image_size``; ValueError for any other size."""
@@ -83,7 +93,8 @@ class ViTEncoder(Encoder):
         query_levels = self.level_embed.weight[1:].repeat_interleave(k2, dim=0)
         queries = (self.latent_queries + query_pos + query_levels).expand(b, -1, -1)
         x = trunk.norm_pre(torch.cat([image_tokens, queries], dim=1))
-        x = run_blocks(trunk, x, self.config.checkpointing and self.training)
+        x = run_blocks(trunk, x, self.config.checkpointing and self.training,
+                       self.config.attention)
         latents = self.project(x[:, -p * k2:])  # (B, P*K^2, code_dim), branch-major
         k = c.latent_size
         return latents.view(b, p, k, k, self.code_dim).permute(0, 1, 4, 2, 3).reshape(b, p * self.code_dim, k, k)

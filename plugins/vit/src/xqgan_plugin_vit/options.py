@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from xqgan_core.config import at_least, between, config, option, positive
 
 
@@ -24,6 +26,17 @@ class TrunkOptions:
     checkpointing: bool = option(
         False, help="activation checkpointing per transformer block (recompute in backward; training only): less "
         "memory, about one extra forward of compute")
+    attention: Literal["auto", "fused", "math"] = option(
+        "auto", help="attention kernel: 'fused' = torch's scaled_dot_product_attention (flash attention; no "
+        "attention matrix kept for backward), 'math' = softmax(q k^T) v as two matrix products (keeps the "
+        "attention matrices), 'auto' = fused, except under bf16 autocast on the CPU, where torch's CPU flash kernel "
+        "is slower than two bf16 matrix products (benchmarks/README.md, ViT tokenizer step)")
+    positional_init: bool = option(
+        False, help="random init that starts every attention head routing by position (needs init = '' and an even "
+        "embed_dim): position embeddings (std 1) in the first half of the channels, content in the second; each "
+        "head's queries/keys read positions, its values content; the read-in and read-out maps use content only. "
+        "Latent queries then copy the image patch at their position and mask tokens the latent token at theirs "
+        "(exact when latent_size = image_size / patch_size), which random init has to learn slowly")
     init: str = option(
         "",
         help="initial trunk weights: '' = random; a local .safetensors / .pt / .pth file of timm ViT weights; or a "

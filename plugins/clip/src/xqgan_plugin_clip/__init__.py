@@ -1,0 +1,1 @@
+"""CLIP teacher for xqgan's semantic alignment (``use = "clip"`` in ``[[aligners]]``)."""
