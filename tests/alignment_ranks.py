@@ -31,5 +31,8 @@ def gathered_rank(rank: int, port: int, out: str) -> None:
         loss = info_nce(gather_with_grad(local_a), gather_with_grad(local_b), 2.5, kept)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_a": local_a.grad, "grad_b": local_b.grad}, f"{out}/rank{rank}.pt")
+        # both ranks leave together: a rank that tears gloo down while its peer is still finishing the last
+        # collective aborts the peer ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -330,3 +330,14 @@ def test_two_rank_aligned_run_keeps_heads_and_tokenizer_equal_on_every_rank(tmp_
         a, b = (load_tensors(tmp_path / "ranks" / f"rank{r}-{name}.safetensors") for r in (0, 1))
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, f"{name}: {different[:5]}"
+
+
+@pytest.mark.parametrize("plugin", ["xqgan_plugin_dinov2.aligner:DINOv2Aligner", "xqgan_plugin_sam.aligner:SAMAligner"])
+def test_patch_teachers_refuse_an_image_size_that_is_not_a_whole_patch_grid(plugin: str) -> None:
+    import importlib
+
+    module, name = plugin.split(":")
+    aligner = getattr(importlib.import_module(module), name)
+    assert aligner.Config(image_size=250, patch_size=16).check() == [
+        "image_size: 250 is not a multiple of patch_size 16"]
+    assert aligner.Config(image_size=256, patch_size=16).check() == []

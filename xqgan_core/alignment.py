@@ -276,6 +276,10 @@ class TeacherAligner(Aligner):
             "HPU), fp32 elsewhere")
 
         def check(self) -> list[str]:
+            grid = getattr(self, "image_size", None), getattr(self, "patch_size", None)
+            if all(isinstance(v, int) and v > 0 for v in grid) and grid[0] % grid[1]:
+                # teachers that cut their input into patches (options image_size / patch_size) need a whole grid
+                return [f"image_size: {grid[0]} is not a multiple of patch_size {grid[1]}"]
             if self.mode == "global" and self.loss != "infonce":
                 return [f"loss: global mode aligns over the batch with 'infonce', got {self.loss!r} "
                         "(use mode = 'patch' for a per-token cosine)"]

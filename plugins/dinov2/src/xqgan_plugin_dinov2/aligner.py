@@ -69,12 +69,6 @@ class DINOv2Aligner(TeacherAligner):
         depth: int = option(0, help="override the variant's depth (0: the variant's)", validator=at_least(0))
         num_heads: int = option(0, help="override the variant's heads (0: the variant's)", validator=at_least(0))
 
-        def check(self) -> list[str]:
-            problems = TeacherAligner.Config.check(self)
-            if self.image_size % self.patch_size:
-                problems.append(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
-            return problems
-
     @classmethod
     def save_tiny_teacher(cls, folder: Path) -> dict[str, Any]:
         from .tiny import save_tiny_weights, tiny_options

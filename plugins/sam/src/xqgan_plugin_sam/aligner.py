@@ -80,12 +80,6 @@ class SAMAligner(TeacherAligner):
         window_size: int = option(14, help="window of the windowed-attention blocks (SAM: 14)", validator=positive())
         out_chans: int = option(256, help="channels of the encoder's neck (SAM: 256)", validator=positive())
 
-        def check(self) -> list[str]:
-            problems = TeacherAligner.Config.check(self)
-            if self.image_size % self.patch_size:
-                problems.append(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
-            return problems
-
     @classmethod
     def save_tiny_teacher(cls, folder: Path) -> dict[str, Any]:
         from .tiny import save_tiny_weights, tiny_options
