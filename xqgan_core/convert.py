@@ -196,6 +196,25 @@ _LLAMAGEN_WEIGHTS = ("model", "ema")
 _LLAMAGEN_TRAINING_ONLY = frozenset({"optimizer", "discriminator", "optimizer_disc", "steps", "args"})
 
 
+def read_conversion_source(
+    source: Path, out_dir: Path, kind: str, weight_entries: Iterable[str], training_only: Iterable[str]
+) -> Mapping[str, Any]:
+    """The checks every converter makes before writing: ``out_dir`` holds no checkpoints, ``source`` reads safely as
+    a dict with at least one of ``weight_entries`` and nothing but those and ``training_only`` entries."""
+    root = ckpt.checkpoint_root(out_dir)
+    if root.is_dir() and any(root.iterdir()):
+        raise CheckpointError(f"{out_dir} already holds checkpoints; choose an empty or new --out folder")
+    data = read_foreign_checkpoint(source)
+    weights, known = tuple(weight_entries), {*weight_entries, *training_only}
+    if not isinstance(data, Mapping) or not any(k in data for k in weights):
+        names = " / ".join(repr(w) for w in weights)
+        raise CheckpointError(f"{source} is not a {kind} checkpoint: expected a dict with a {names} state dict")
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise CheckpointError(f"{source} has entries a {kind} checkpoint does not: {_listing(unknown)}")
+    return data
+
+
 def convert_llamagen(
     source: str | Path, out_dir: str | Path, preset: str | Path = DEFAULT_PRESET, name: str | None = None
 ) -> Path:
@@ -207,16 +226,7 @@ def convert_llamagen(
     encoder/quantizer/decoder exactly (names and shapes); anything else raises CheckpointError before writing.
     """
     source, out_dir = Path(source), Path(out_dir)
-    root = ckpt.checkpoint_root(out_dir)
-    if root.is_dir() and any(root.iterdir()):
-        raise CheckpointError(f"{out_dir} already holds checkpoints; choose an empty or new --out folder")
-    data = read_foreign_checkpoint(source)
-    if not isinstance(data, Mapping) or not any(k in data for k in _LLAMAGEN_WEIGHTS):
-        raise CheckpointError(f"{source} is not a LlamaGen checkpoint: expected a dict with a 'model' state dict")
-    unknown = sorted(str(k) for k in data if k not in _LLAMAGEN_WEIGHTS and k not in _LLAMAGEN_TRAINING_ONLY)
-    if unknown:
-        listed = _listing(unknown)
-        raise CheckpointError(f"{source} has entries a LlamaGen checkpoint does not: {listed}")
+    data = read_conversion_source(source, out_dir, "LlamaGen", _LLAMAGEN_WEIGHTS, _LLAMAGEN_TRAINING_ONLY)
 
     run_name = name or _run_name_for(source)
     # run.out_dir stays the preset's: a training run started from this run file must not try to resume from the

@@ -50,7 +50,7 @@ from .convert import (
     _rename,
     _run_name_for,
     _sha256,
-    read_foreign_checkpoint,
+    read_conversion_source,
 )
 from .errors import CheckpointError
 from .registry import Registry
@@ -328,15 +328,7 @@ def convert_reference(
     against the model the run file builds) before anything is written.
     """
     source, out_dir = Path(source), Path(out_dir)
-    root = ckpt.checkpoint_root(out_dir)
-    if root.is_dir() and any(root.iterdir()):
-        raise CheckpointError(f"{out_dir} already holds checkpoints; choose an empty or new --out folder")
-    data = read_foreign_checkpoint(source)
-    if not isinstance(data, Mapping) or not any(k in data for k in _WEIGHT_ENTRIES):
-        raise CheckpointError(f"{source} is not a reference checkpoint: expected a dict with 'model' / 'ema'")
-    unknown = sorted(str(k) for k in data if k not in _WEIGHT_ENTRIES and k not in _TRAINING_ONLY)
-    if unknown:
-        raise CheckpointError(f"{source} has entries a reference checkpoint does not: {_listing(unknown)}")
+    data = read_conversion_source(source, out_dir, "reference", _WEIGHT_ENTRIES, _TRAINING_ONLY)
     entry = weights or ("ema" if "ema" in data else "model")
     if entry not in _WEIGHT_ENTRIES:
         raise CheckpointError(f"weights must be 'ema' or 'model', got {entry!r}")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, XQGanError
-from .perceptual import OFFLINE_VARIABLES, download_checked, is_offline
+from .perceptual import OFFLINE_VARIABLES, download_checked, is_offline, read_weights_only
 
 __all__ = [
     "INCEPTION_FILE",
@@ -124,24 +122,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors only: safetensors, or torch.load(weights_only=True) (pickled objects are refused)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError (refused object), RuntimeError, OSError, SafetensorError
-        raise CheckpointError(f"{path}: cannot be read as a weights-only Inception-v3 state dict: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (torch-fidelity's Inception-v3 layout)")
-    return dict(state)
-
-
 def to_uint8(images: Tensor) -> Tensor:
     """Images in [-1, 1] -> uint8 as the reference evaluation saves them: ``clamp(127.5 * x + 128)``, truncated."""
     return (images.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -185,7 +165,7 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     """
     module = _fidelity_module()
     path = resolve_inception_weights(weights)
-    state = _read_state_dict(path)
+    state = read_weights_only(path, "torch-fidelity's Inception-v3")
 
     def handed_over(url: str, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         return state  # instead of torch-fidelity's download + unrestricted torch.load

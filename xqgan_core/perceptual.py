@@ -126,8 +126,9 @@ def _short(keys: Any, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
-    """Read a state dict without executing code: safetensors, or torch.load restricted to tensors."""
+def read_weights_only(path: Path, layout: str) -> dict[str, Tensor]:
+    """Read a state dict without executing code: safetensors, or torch.load restricted to tensors. ``layout`` names
+    the expected network in errors (``"torchvision vgg16"``). Shared by every loader of downloaded weights."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -141,13 +142,12 @@ def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # pickle.UnpicklingError (refused object), RuntimeError, OSError, SafetensorError
         raise CheckpointError(
-            f"{path}: cannot be read as a weights-only VGG16 state dict (arbitrary pickled objects are refused): {exc}"
+            f"{path}: cannot be read as a weights-only {layout} state dict (arbitrary pickled objects are refused): "
+            f"{exc}"
         ) from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{path}: expected a state dict of tensors (torchvision vgg16 layout), got {type(state).__name__}"
-        )
-    return state
+        raise CheckpointError(f"{path}: expected a state dict of tensors ({layout} layout), got {type(state).__name__}")
+    return dict(state)
 
 
 def _features_only(state: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
@@ -207,7 +207,7 @@ def load_lpips(weights_path: str | Path | None, device: Any = "cpu", required: b
             _warn_missing(reason)
             return None
 
-    features = _features_only(_read_state_dict(path), path)
+    features = _features_only(read_weights_only(path, "torchvision vgg16"), path)
     module = _build_lpips()
     trunk: nn.Module = module.net
     mapping = _trunk_mapping(trunk)
