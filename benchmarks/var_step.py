@@ -14,12 +14,14 @@ with 4 shared phi convs, 1000 classes, random weights.
   the identity on their side so both sides time the generator only (tokens / ``f_hat``, no pixels).
 
 Every measurement is a fresh subprocess; ours and theirs alternate over ``--reps`` rounds. A child builds the model,
-runs one untimed call, then ``--calls`` timed calls. The table shows medians, the ratio ours / theirs and the load.
+runs one untimed call, then ``--calls`` timed calls. The table shows medians, the ratio ours / theirs (also per
+round, where load drift between rounds cancels, and of the fastest calls) and the load.
 
 Usage::
 
     git -C /work/.mirror/FoundationVision+VAR/repo archive HEAD | tar -x -C /tmp/ref-var
-    .venv/bin/python benchmarks/var_step.py --reference-repo /tmp/ref-var --reference-python /work/refenv/bin/python
+    .venv/bin/python benchmarks/var_step.py --reference-repo /tmp/ref-var --reference-python /work/refenv/bin/python \
+        --threads 1 --reps 5
     .venv/bin/python benchmarks/var_step.py --sides ours --profile     # where our time goes
 """
 
@@ -176,6 +178,20 @@ def run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def paired_speedups(results: list[dict[str, Any]], mode: str) -> str:
+    """Load drifts between rounds, not within one: the speed-up of each round (its VAR median / its ours median),
+    summarised by the median over rounds, and the ratio of the two sides' fastest calls."""
+    def med(r: dict[str, Any]) -> float:
+        return statistics.median(r[mode]["seconds"])
+
+    ours = [r for r in results if r["side"] == "ours"]
+    theirs = [r for r in results if r["side"] == "ref"]
+    per_round = [med(t) / med(o) for o, t in zip(ours, theirs)]
+    fastest = min(s for r in theirs for s in r[mode]["seconds"]) / min(s for r in ours for s in r[mode]["seconds"])
+    return (f"per round {' '.join(f'{x:.2f}' for x in per_round)} (median {statistics.median(per_round):.2f}x), "
+            f"fastest calls {fastest:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--child", choices=["ours", "ref"], default=None, help=argparse.SUPPRESS)
@@ -220,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(rates) == 2:
             ratio = rates["ours"] / rates["ref"]
             verdict = "meets" if ratio >= TARGET_SPEEDUP else "misses"
-            print(f"{mode:>6} ours / VAR: {ratio:.2f}x ({verdict} the {TARGET_SPEEDUP}x target)")
+            print(f"{mode:>6} ours / VAR: {ratio:.2f}x ({verdict} the {TARGET_SPEEDUP}x target); "
+                  f"{paired_speedups(results, mode)}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1) + "\n")

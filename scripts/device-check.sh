@@ -3,8 +3,9 @@
 #   OUT=/some/folder bash scripts/device-check.sh        (results and pictures land in $OUT)
 # 1. install core + plugins (no network: --no-index, no dependencies);  2. the default run on CUDA with bf16
 # autocast, timed;  3. the same run under torchrun with the NCCL backend (world size 1: one GPU);  4. the 256-px
-# XQ-GAN-V step benchmark;  5. a sweep of default-run settings (fp32, in parallel) with their held-out metrics and
-# grids;  6. the engine/tokenizer tests with the GPU visible (the engine picks CUDA by itself there).
+# XQ-GAN-V step benchmark;  5. VAR-d16 training and sampling images/s at batch 64;  6. a sweep of default-run
+# settings (fp32, in parallel) with their held-out metrics and grids;  7. the engine/tokenizer tests with the GPU
+# visible (the engine picks CUDA by itself there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/xqgan-device-check}
@@ -47,6 +48,9 @@ metrics /tmp/runs/ddp
 
 section "256-px XQ-GAN-V step benchmark"
 timeout 150 $PY benchmarks/cuda_step.py --config xqgan-v-256 --batch 4 32 --json "$OUT/cuda-step.json"
+
+section "VAR-d16 on the MSVR10P2 token layout: training and sampling images/s at batch 64 (issue 11)"
+timeout 240 $PY benchmarks/var_cuda.py --depth 16 --batch 64 --json "$OUT/var-d16.json"
 
 section "default-run settings sweep (fp32, 800 steps each, run side by side)"
 declare -A SWEEP=(
@@ -92,5 +96,5 @@ EOF
 section "engine + tokenizer tests with the GPU visible"
 timeout 200 $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_engine.py tests/test_tokenizer.py \
   tests/test_finetune.py tests/test_devices.py tests/test_binary_codes.py tests/test_diffaug.py \
-  plugins/stylegan plugins/dino plugins/finetune 2>&1 | tail -15
+  plugins/stylegan plugins/dino plugins/finetune plugins/var plugins/llamagen tests/test_generator_run.py 2>&1 | tail -15
 section done

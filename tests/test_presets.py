@@ -4,13 +4,19 @@ The 256-px models (~72 M parameters for the CNN, ~172 M for the ViT-B encoder + 
 device: shapes and parameter counts without memory or initialisation time. The SC (ViT) presets start from DINOv2
 weights (``init = "dinov2"``); they are built here with random weights, and separately checked to fail fast, naming
 the cache they looked in, when those weights are not available offline.
+
+The generator presets (``configs/var-*.toml``, a [generator] table) are the paper's VAR rows (Table 3) on the
+reference's released tokenizers: their ~300 M-parameter models are built on the meta device too and bound to the
+token layout of the matching tokenizer preset's quantizer.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import huggingface_hub.constants
@@ -20,15 +26,30 @@ import torch
 
 from xqgan_core import Registry
 from xqgan_core.alignment import AlignmentInputs, shared_teachers
-from xqgan_core.config import ComponentSpec
-from xqgan_core.errors import ConfigError
+from xqgan_core.config import ComponentSpec, validate_component
+from xqgan_core.errors import CheckpointError, ConfigError
+from xqgan_core.generator_run import load_frozen_tokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = sorted([ROOT / "registry.toml", *(ROOT / "configs").glob("*.toml")])
 #: CPU presets (validated with the run files above; each has its own end-to-end test)
-CPU_PRESETS = {"xqgan-sc-tiny-msvr": "test_tiny_sc_preset.py", "xqgan-sc-tiny-aligned": "test_tiny_aligned_preset.py"}
-#: GPU presets: each is a paper row
-PRESETS = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.stem not in CPU_PRESETS)
+CPU_PRESETS = {"xqgan-sc-tiny-msvr": "test_tiny_sc_preset.py", "xqgan-sc-tiny-aligned": "test_tiny_aligned_preset.py",
+               "xqgan-v-tiny-msvr": "test_generator_preset.py", "var-tiny": "test_generator_preset.py"}
+
+
+def _is_generator_run(path: Path) -> bool:
+    """A run file with a [generator] table (``RunConfig.kind == "generator"``), read without validating it."""
+    with path.open("rb") as f:
+        return "generator" in tomllib.load(f)
+
+
+#: GPU tokenizer presets: each is a paper row (the generator presets have rows of their own: GENERATOR_ROWS)
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.stem not in CPU_PRESETS and not _is_generator_run(p))
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,9 @@ def _random_init(spec: ComponentSpec) -> ComponentSpec:
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: p.name)
 def test_run_file_validates(path: Path) -> None:
     reg = Registry.from_toml(path)
+    if reg.config.kind == "generator":  # no tokenizer tables: the frozen tokenizer is named by [tokenizer]
+        assert reg.config.tokenizer is not None and reg.config.encoder is None
+        return
     assert reg.config.encoder.config.out_dim == reg.config.decoder.config.in_dim
     q = reg.config.quantizer.build()
     assert q.dim == reg.config.encoder.config.out_dim, "the quantizer's dim must match the encoder's out_dim"
@@ -277,3 +301,147 @@ def test_sc_preset_aligners_fit_its_quantizer(path: Path, tmp_path: Path) -> Non
         # the gradient reaches the encoder through the channel group of the branch the aligner names, and only it
         touched = latents.grad.abs().sum(dim=(0, 2, 3)).view(row.branches, row.code_dim).sum(1) > 0
         assert touched.tolist() == [i == branch % row.branches for i in range(row.branches)]
+
+
+# -- generator presets: VAR on the reference's released tokenizers (paper Table 3) ----------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratorRow:
+    """A VAR row of the paper's Table 3: the model, the released tokenizer it was trained on, and the model size the
+    paper gives. That size is counted two ways: "var" = VAR's own model of that depth in VAR's code (its 4096-way head
+    over 680 tokens; the d16 row's 310M), "blocks" = the transformer blocks alone (the d17 row's 362M)."""
+
+    depth: int
+    tokenizer_file: str  # in the Hugging Face repo qiuk6/XQ-GAN (the reference README's links)
+    tokenizer_preset: str  # configs/<name>.toml: the same tokenizer as a run file; its quantizer gives the layout
+    vocab_size: int  # codes per product branch
+    input_channels: int  # the next-scale inputs: 2 branches x the code dim (vq) or bits (bsq)
+    paper_params: float
+    paper_params_count: Literal["var", "blocks"]  # see above
+
+
+GENERATOR_ROWS: dict[str, GeneratorRow] = {
+    "var-d16-msbr10p2-16384": GeneratorRow(16, "MSBR10P2-16384/best_ckpt.pt", "xqgan-sc-msbr10p2-16384",
+                                           vocab_size=16384, input_channels=2 * 14, paper_params=310e6,
+                                           paper_params_count="var"),  # row 7, gFID 2.96
+    "var-d17-msvr10p2-4096": GeneratorRow(17, "MSVR10P2-4096/best_ckpt.pt", "xqgan-sc-msvr10p2-4096",
+                                          vocab_size=4096, input_channels=2 * 32, paper_params=362e6,
+                                          paper_params_count="blocks"),  # row 1, gFID 2.60
+}
+GENERATOR_PRESETS = [ROOT / "configs" / f"{stem}.toml" for stem in sorted(GENERATOR_ROWS)]
+#: VAR's models counted with VAR's own code (FoundationVision/VAR@78b95394, models/build_vae_var: V = 4096, Cvae = 32,
+#: patch_nums 1,2,3,4,5,6,8,10,13,16 = 680 tokens, 1000 classes), for the depths of the rows
+VAR_PARAMS = {16: 310_283_520, 17: 371_191_905}
+VAR_TOKENIZER = {"use": "msrq", "scales": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+                 "code": {"use": "vq", "codebook_size": 4096, "dim": 32}}
+XQGAN_SCALES = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)  # the 10 scales of the SC tokenizers: 286 steps per branch
+IMAGENET_CLASSES = 1000
+IMAGENET_TRAIN_IMAGES = 1_281_167
+#: the reference's VAR recipe (README "training cmd for reproducibility" on VAR's train.py and its arg defaults)
+VAR_GLOBAL_BATCH, VAR_EPOCHS, VAR_BASE_LR = 768, 350, 8e-5
+
+
+def test_every_generator_preset_has_a_paper_row() -> None:
+    """A GPU generator preset must be a Table 3 row (CPU ones are listed in CPU_PRESETS with their own test)."""
+    generator_runs = {p.stem for p in (ROOT / "configs").glob("*.toml") if _is_generator_run(p)}
+    assert generator_runs - set(CPU_PRESETS) == set(GENERATOR_ROWS)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _bound_on_meta(generator: ComponentSpec, quantizer: Any, grid: int) -> Any:
+    """The generator built on the meta device (shapes, no memory) and bound to ``quantizer``'s layout at ``grid``,
+    for the 1000 ImageNet classes."""
+    with torch.device("meta"):
+        model = generator.build()
+    model.bind(quantizer.token_layout(grid, grid), quantizer, IMAGENET_CLASSES)
+    return model
+
+
+@pytest.mark.parametrize("path", GENERATOR_PRESETS, ids=lambda p: p.stem)
+def test_generator_preset_is_the_paper_row_it_names(path: Path) -> None:
+    """VAR-d on the released tokenizer, its own token folder, and the reference's sampling settings."""
+    row = GENERATOR_ROWS[path.stem]
+    cfg = Registry.from_toml(path).config
+    assert cfg.kind == "generator" and cfg.device is not None and cfg.device.use == "cuda"
+    tok = cfg.tokenizer
+    assert (tok.run, tok.filename, tok.use_ema) == ("qiuk6/XQ-GAN", row.tokenizer_file, True)
+    g = cfg.generator.config
+    assert cfg.generator.use == "var"
+    assert (g.depth, g.width, g.heads, g.mlp_ratio) == (row.depth, 64 * row.depth, row.depth, 4.0)  # VAR's rule
+    assert g.attn_l2_norm and g.class_dropout == pytest.approx(0.1) and g.init_std == 0.0
+    assert (g.adaln_gate_init, g.adaln_init) == (pytest.approx(1e-4), 0.5)  # the reference's --alng, VAR's --aln
+    assert g.drop_path == pytest.approx(0.1 * row.depth / 24, abs=1e-6)  # VAR's build_vae_var
+    data = cfg.data
+    assert data.use == "tokens" and data.config.flip
+    assert path.stem.split("-", 2)[2] in data.config.path  # the token folder of this tokenizer (e.g. msvr10p2-4096)
+    # the reference's --cfg 3.25: VAR mixes (1 + t) cond - t uncond, ours uncond + s (cond - uncond), so s = 1 + t
+    s = cfg.sample
+    assert (s.cfg_scale, s.top_k, s.top_p, s.temperature) == (pytest.approx(1 + 3.25), 750, pytest.approx(0.95), 1.0)
+
+
+@pytest.mark.parametrize("path", GENERATOR_PRESETS, ids=lambda p: p.stem)
+def test_generator_preset_trains_as_the_reference(path: Path) -> None:
+    """Global batch 768, lr = 8e-5 x batch / 256, 350 epochs with a warm-up of ep / 50, linear decay to 1 %, AdamW
+    (0.9, 0.95) with weight decay 0.05, clipping at 2, no EMA, evaluation every 10 epochs (header of the preset)."""
+    t = Registry.from_toml(path).config.train
+    global_batch = 8 * t.batch_size * t.grad_accum  # the 8-GPU node the presets are written for
+    epoch = math.ceil(IMAGENET_TRAIN_IMAGES / global_batch)  # VAR's sampler fills the last batch of an epoch
+    assert global_batch == VAR_GLOBAL_BATCH
+    assert t.lr == pytest.approx(VAR_BASE_LR * global_batch / 256)
+    assert (t.steps, t.warmup_steps, t.eval_every) == (VAR_EPOCHS * epoch, VAR_EPOCHS * epoch // 50, 10 * epoch)
+    assert (t.lr_schedule, t.lr_hold, t.min_lr_ratio) == ("linear", 0.05, pytest.approx(0.01))  # VAR's lin0
+    assert (t.betas, t.weight_decay, t.grad_clip) == ((0.9, 0.95), pytest.approx(0.05), pytest.approx(2.0))
+    assert t.ema_decay == 0.0 and t.precision == "bf16"  # VAR keeps no EMA; its fp16 + loss scaler -> bf16
+
+
+@pytest.mark.parametrize("path", GENERATOR_PRESETS, ids=lambda p: p.stem)
+def test_generator_preset_binds_to_its_tokenizer_and_has_the_paper_size(path: Path) -> None:
+    """Bound to the layout of its tokenizer preset's quantizer (meta device): 286 steps of 2 tokens, one head per
+    branch over its vocabulary, 1000 classes + the null class. The size: at VAR's own layout the model is VAR's
+    (up to the key bias VAR leaves out), and the preset's layout changes exactly the layout-sized parts."""
+    row = GENERATOR_ROWS[path.stem]
+    spec = Registry.from_toml(path).config.generator
+    tokenizer = Registry.from_toml(ROOT / "configs" / f"{row.tokenizer_preset}.toml").config
+    with torch.device("meta"):
+        quantizer = tokenizer.quantizer.build()
+    model = _bound_on_meta(spec, quantizer, tokenizer.encoder.config.latent_size)  # 11 x 11 latent queries
+    layout, width = model.layout, 64 * row.depth
+    assert (layout.length, layout.tokens_per_step, layout.vocab_sizes) == (286, 2, (row.vocab_size,) * 2)
+    assert tuple(layout.scales) == XQGAN_SCALES
+    assert model.head.out_features == 2 * row.vocab_size and model.head.in_features == width
+    assert model.word_embed.in_features == row.input_channels
+    assert model.class_embedding.num_embeddings == IMAGENET_CLASSES + 1  # + the null class
+    assert tuple(model.pos_embed.shape) == (1, 286, width)
+
+    with torch.device("meta"):
+        var_quantizer = validate_component("quantizer", VAR_TOKENIZER).build()
+    at_var_layout = _params(_bound_on_meta(spec, var_quantizer, 16))
+    key_bias = row.depth * width  # our attention has a key bias too; VAR's has query and value biases only
+    assert at_var_layout - key_bias == VAR_PARAMS[row.depth]
+    var_vocab, var_steps, var_channels = 4096, 680, 32
+    layout_sized = ((2 * row.vocab_size - var_vocab) * (width + 1)  # the heads (weights + biases)
+                    + (286 - var_steps) * width  # the position embeddings
+                    + (row.input_channels - var_channels) * width)  # the next-scale input embedding
+    assert _params(model) == at_var_layout + layout_sized
+    paper_basis = VAR_PARAMS[row.depth] if row.paper_params_count == "var" else _params(model.blocks)
+    assert paper_basis == pytest.approx(row.paper_params, rel=2e-3)
+
+
+@pytest.mark.parametrize("path", GENERATOR_PRESETS, ids=lambda p: p.stem)
+def test_generator_preset_without_cached_tokenizer_fails_fast_naming_the_cache(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline with an empty Hugging Face cache: validation passes (the repo id is resolved when the run starts),
+    loading the frozen tokenizer stops with an error naming tokenizer.run, the file and the cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = Registry.from_toml(path).config
+    with pytest.raises(CheckpointError) as info:
+        load_frozen_tokenizer(cfg.tokenizer, "cpu")
+    message = str(info.value)
+    assert "tokenizer.run" in message and GENERATOR_ROWS[path.stem].tokenizer_file in message
+    assert str(tmp_path) in message and "HF_HUB_OFFLINE" in message

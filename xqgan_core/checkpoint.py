@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import fsync_path, write_text_atomic
 from .errors import CheckpointError
 
 MODEL, EMA, DISC, STATE, RUN, META = (
@@ -124,8 +125,8 @@ def save_checkpoint(
             record["run_id"] = run_id
         (tmp / META).write_text(json.dumps(record, indent=2), encoding="utf-8")
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         _move_into_place(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +134,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / "latest", final.name + "\n")
+    write_text_atomic(root / "latest", final.name + "\n")
     prune(out_dir, keep, run_id)
     return final
 
@@ -145,13 +146,13 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     if final.is_dir() and _complete(final):
         _remove(aside)  # a leftover of an earlier crash, superseded by ``final``
         os.rename(final, aside)  # still a complete checkpoint of this step, under a name latest_checkpoint knows
-        _fsync(root)
+        fsync_path(root)
     elif final.exists() or final.is_symlink():
         _remove(final)  # incomplete: nothing worth keeping
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     _remove(aside)
-    _fsync(root)
+    fsync_path(root)
 
 
 def _write_failure(final: Path, exc: OSError) -> str:
@@ -212,25 +213,6 @@ def _refused_part(value: Any, path: str) -> tuple[str, Any]:
         if not _round_trips(child):
             return _refused_part(child, f"{path}[{key!r}]")
     return path, value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to disk (a folder's fsync makes its renames durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -323,7 +305,7 @@ def prune(out_dir: str | Path, keep: int, run_id: str | None = None) -> None:
         if m and int(m.group(1)) != os.getpid():
             _remove(p)
     if root.is_dir():
-        _fsync(root)
+        fsync_path(root)
 
 
 def refuse_existing_run(out_dir: str | Path) -> None:

@@ -364,12 +364,15 @@ def _tokenize(args: list[str]) -> int:
     p.add_argument("--out", required=True, help="token folder to write (a restarted job continues where it stopped)")
     p.add_argument("--flip", action="store_true", help="also store the tokens of the mirrored images (augmentation)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    p.add_argument("--workers", type=_int_at_least(0), default=4, help="image-decoding worker processes")
+    p.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="image-decoding worker processes (default: up to 4, at most the usable CPUs)")
     p.add_argument("--device", default=None, help="cpu, cuda, hpu (default: the best available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast of the encoder (auto: bf16 where the device supports it, else fp32)")
     p.add_argument("--shard-size", type=_int_at_least(1), default=5000, help="images per shard (folders, samples)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights if present")
+    p.add_argument("--filename", default=None,
+                   help="with a Hugging Face repo id as TOKENIZER: the checkpoint file in it ([tokenizer] filename)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     ns = p.parse_args(args)
     if (ns.data is None) == (not ns.built_in_samples):
@@ -380,7 +383,7 @@ def _tokenize(args: list[str]) -> int:
         index = tokenize(ns.tokenizer, ns.out, data=ns.data, built_in_samples=ns.built_in_samples,
                          crops_per_image=ns.crops_per_image, seed=ns.seed, flip=ns.flip, batch_size=ns.batch_size,
                          workers=ns.workers, device=ns.device, precision=ns.precision, shard_size=ns.shard_size,
-                         use_ema=ns.ema, progress=ns.progress)  # fmt: skip
+                         use_ema=ns.ema, progress=ns.progress, filename=ns.filename)  # fmt: skip
     except TokenizeError as exc:  # about the command line (--data, --out), not a runtime failure
         print(f"xqgan-run tokenize: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -395,19 +398,27 @@ def _sample(args: list[str]) -> int:
     p = _Parser(prog="xqgan-run sample")
     p.add_argument("generator", help="generator run folder (its out_dir or a checkpoint folder)")
     p.add_argument("--classes", default=None,
-                   help="comma-separated class ids, e.g. 0,3,7 (default: the first 8; not for unconditional runs)")
-    p.add_argument("--n", type=_int_at_least(1), default=4, help="samples per class")
+                   help="class ids: 0,3,7 or ranges 0-999 or 'all' (default: the first 8; not for unconditional runs)")
+    # --per-class also under torchrun, whose parser takes a bare --n for an abbreviation of its own options
+    p.add_argument("--n", "--per-class", dest="n", type=_int_at_least(1), default=4, help="samples per class")
     run_default = "(default: the generator run's [sample] setting)"
     p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale, 1 = none {run_default}")
     p.add_argument("--temperature", type=float, default=None, help=f"softmax temperature {run_default}")
     p.add_argument("--top-k", type=_int_at_least(0), default=None, help=f"0 = no top-k, 1 = greedy {run_default}")
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass, 1 = off {run_default}")
-    p.add_argument("--seed", type=int, default=None, help=f"seed of the sampling generator {run_default}")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="sequences sampled at once")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the sampling generators {run_default}")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="sequences sampled at once (part of what a seed reproduces)")
     p.add_argument("--out", required=True, help="output folder: one PNG per sample and grid.png")
     p.add_argument("--device", default=None, help="cpu, cuda, hpu (default: the best available)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use EMA weights if present")
-    p.add_argument("--force", action="store_true", help="overwrite existing PNGs in --out")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write grid.png (the first 32 classes x 16 samples, labelled)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="complete an interrupted job: keep the batches already written, sample the rest")
+    again.add_argument("--force", action="store_true", help="overwrite existing PNGs in --out")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     ns = p.parse_args(args)
     if ns.temperature is not None and ns.temperature <= 0:
         p.error("--temperature must be > 0")
@@ -415,22 +426,25 @@ def _sample(args: list[str]) -> int:
         p.error("--top-p must be in (0, 1]")
     if ns.cfg is not None and ns.cfg < 0:
         p.error("--cfg must be >= 0")
-    try:
-        classes = [int(c) for c in ns.classes.split(",") if c.strip()] if ns.classes else None
-    except ValueError:
-        p.error(f"--classes {ns.classes!r}: expected comma-separated integers, e.g. 0,3,7")
-    from .sample_images import SamplingOptions, sample_run
+    from .sample_images import SamplingOptions, parse_classes, sample_run
     from .tokenizer import OutputExistsError
 
+    if ns.classes is not None and ns.classes.strip() != "all":
+        try:
+            parse_classes(ns.classes)  # the syntax, before the run is loaded
+        except ValueError as exc:
+            p.error(str(exc))
     options = SamplingOptions(cfg_scale=ns.cfg, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                               seed=ns.seed, batch_size=ns.batch_size)  # fmt: skip
     try:
-        written = sample_run(ns.generator, ns.out, classes=classes, n=ns.n, options=options, device=ns.device,
-                             use_ema=ns.ema, overwrite=ns.force)  # fmt: skip
+        written = sample_run(ns.generator, ns.out, classes=ns.classes, n=ns.n, options=options, device=ns.device,
+                             use_ema=ns.ema, overwrite=ns.force, resume=ns.resume, grid=ns.grid,
+                             progress=ns.progress)  # fmt: skip
     except (OutputExistsError, ValueError) as exc:
         print(f"xqgan-run sample: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{len(written) - 1} sample(s) and {written[-1]} written")
+    pngs = [w for w in written if w.name != "grid.png"]
+    print(f"{len(pngs)} sample(s) in {ns.out}" + (f", grid {written[-1]}" if ns.grid else ""))
     return EXIT_OK
 
 

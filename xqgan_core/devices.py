@@ -81,6 +81,14 @@ class CUDADevice(Device):
 AUTO_ORDER = ("hpu", "cuda", "cpu")
 
 
+def device_named(name: str | None) -> Device:
+    """The device a command line's ``--device`` names (cpu, cuda, hpu, or an installed device plugin); None or
+    "auto": ``auto_device()``."""
+    from .registry import build
+
+    return auto_device() if name in (None, "auto") else build("device", str(name))
+
+
 def auto_device() -> Device:
     """The best available installed device: HPU, then CUDA, then CPU."""
     cat = catalog()

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .metrics import CodebookUsage, MetricAverager, VarCodebookUsage, bicubic_thumbnail, psnr, ssim
 from .model import TokenizerModel
 
@@ -145,7 +146,6 @@ def save_grid(originals: Tensor, recons: Tensor, path: str | Path, columns: int 
             canvas[y0 : y0 + h, x0 : x0 + w] = to_u8(img)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path

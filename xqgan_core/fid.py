@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path, write_text_atomic
 from .errors import XQGanError
 from .images import DEFAULT_MAX_PIXELS, load_rgb, square_box
 from .inception import Inception, load_inception, to_uint8
@@ -202,9 +203,8 @@ class ReferenceStats:
             arrays[COUNT_KEY] = np.array(self.count, dtype=np.int64)
         if self.inception_sha256:
             arrays[WEIGHTS_KEY] = np.array(self.inception_sha256)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path, suffix=".npz") as tmp:  # np.savez adds .npz to a name without it
+            np.savez(tmp, **arrays)
         return path
 
 
@@ -369,10 +369,7 @@ class ReconstructionFid:
 def write_json(metrics: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def format_table(metrics: dict[str, Any], names: Iterable[str] = ("fid", "isc_mean", "isc_std", "precision",

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from . import checkpoint as ckpt
@@ -41,7 +39,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["GeneratorRun", "load_frozen_tokenizer", "load_generator", "load_generator_run", "generator_meta",
-           "save_image_grid", "GENERATOR", "GENERATOR_EMA", "META_KEY"]
+           "GENERATOR", "GENERATOR_EMA", "META_KEY"]
 
 #: module names (weight files) of a generator run's checkpoints
 GENERATOR, GENERATOR_EMA = "generator", "generator_ema"
@@ -161,21 +159,3 @@ def _tokenizer_of(folder: Path, table: Any, recorded: Mapping[str, Any],
     else:
         ref = TokenizerRef(run=ref.run, use_ema=ref.use_ema, filename=ref.filename, sha256=sha)
     return load_frozen_tokenizer(ref, device)
-
-
-def save_image_grid(images: Tensor, path: str | Path, columns: int = 8) -> Path:
-    """Images ``(N, 3, H, W)`` in [-1, 1] as one PNG, ``columns`` per row with 2 px white gutters."""
-    n, _, h, w = images.shape
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
-    gutter = 2
-    canvas = np.full((rows * (h + gutter) + gutter, columns * (w + gutter) + gutter, 3), 255, dtype=np.uint8)
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    for i in range(n):
-        r, c = divmod(i, columns)
-        y0, x0 = gutter + r * (h + gutter), gutter + c * (w + gutter)
-        canvas[y0 : y0 + h, x0 : x0 + w] = pixels[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,8 +25,10 @@ from torch import Tensor, nn
 from .distributed import wrap_ddp
 from .errors import CheckpointError, ConfigError
 from .evaluation import forked_rng
-from .generator_run import (GENERATOR, GENERATOR_EMA, generator_meta, load_frozen_tokenizer, save_image_grid,
+from .generator_run import (GENERATOR, GENERATOR_EMA, generator_meta, load_frozen_tokenizer,
                             tokenizer_identity)
+from .atomic import atomic_path
+from .image_grid import grid_image, save_grid, save_image_grid, to_uint8
 from .interfaces import Generator
 from .optim import EMA, clip_gradients, warmup_schedule
 from .registry import Registry
@@ -81,7 +85,7 @@ class GeneratorTask(Task):
         self.params = [p for p in generator.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(_decay_groups(generator, t.weight_decay), lr=t.lr, betas=t.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio)
+            self.opt, warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_hold)
         )
         self.ema = EMA(generator, t.ema_decay) if t.ema_decay > 0 else None
 
@@ -189,12 +193,26 @@ class GeneratorTask(Task):
         model = self.eval_model()
         with forked_rng(self.runtime.device):  # the training run's random stream stays as it was
             metrics = self.held_out_metrics(model, ev.batch_size, ev.max_images)
-            images = self.sample_images(model, ev.grid_images) if ev.grid_images > 0 else None
-        if images is not None:
-            path = save_image_grid(images, self.runtime.out_dir / "grids" / f"samples-{step:08d}.png")
-            save_image_grid(images, self.runtime.out_dir / "samples.png")
-            log.image(step, "eval/samples", path)
+            if ev.grid_images > 0:
+                path = self.write_sample_grid(model, ev.grid_images, self.runtime.out_dir / "grids" /
+                                              f"samples-{step:08d}.png")
+                with atomic_path(self.runtime.out_dir / "samples.png", durable=False) as latest:
+                    shutil.copyfile(path, latest)
+                log.image(step, "eval/samples", path)
         return metrics
+
+    def write_sample_grid(self, model: Generator, n: int, path: Path) -> Path:
+        """About ``n`` samples as a picture: with classes, one labelled row per class (every class when there are
+        at most ``n``: ``n // num_classes`` samples each; else the first ``isqrt(n)`` classes), else ``n`` in rows of
+        8."""
+        if not self.num_classes:
+            return save_image_grid(self.sample_images(model, n), path)
+        rows = self.num_classes if self.num_classes <= n else max(1, math.isqrt(n))
+        per_row = n // rows
+        classes = torch.arange(rows).repeat_interleave(per_row)
+        pixels = to_uint8(self.sample_images(model, len(classes), classes))
+        labels = [f"{c}: {self.class_names[c]}" for c in range(rows)]
+        return save_grid(grid_image(pixels.reshape(rows, per_row, *pixels.shape[1:]), labels), path)
 
     @torch.no_grad()
     def held_out_metrics(self, model: Generator, batch_size: int, max_items: int) -> dict[str, float]:
@@ -217,10 +235,14 @@ class GeneratorTask(Task):
         return {"ce": ce, "acc": acc, "items": float(n)}
 
     @torch.no_grad()
-    def sample_images(self, model: Generator, n: int) -> Tensor:
-        """``n`` samples with the run's [sample] settings (classes cycling through the class ids), decoded (CPU)."""
+    def sample_images(self, model: Generator, n: int, classes: Tensor | None = None) -> Tensor:
+        """``n`` samples with the run's [sample] settings, decoded (CPU): of ``classes`` (``(n,)`` ids; default:
+        cycling through the class ids; unconditional without classes)."""
         s, dev = self.cfg.sample, self.runtime.torch_device
-        condition = torch.arange(n, device=dev) % self.num_classes if self.num_classes else None
+        if not self.num_classes:
+            condition = None
+        else:
+            condition = (torch.arange(n) % self.num_classes if classes is None else classes).to(dev)
         generator = torch.Generator(dev).manual_seed(s.seed)
         with self.runtime.precision.autocast():
             tokens = model.sample(n, condition, cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k,
@@ -265,11 +287,18 @@ def token_accuracy(logits: list[Tensor], tokens: Tensor) -> Tensor:
     return torch.stack(hits).mean()
 
 
-def _decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices and embedding tables (dim >= 2), none on biases and norm gains."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def _decay_groups(module: Generator, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices and embedding tables (dim >= 2), none on biases and norm gains nor on
+    what the generator lists in ``no_weight_decay()`` (a name it does not have is a bug in the plugin: refused)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    exempt = module.no_weight_decay()
+    unknown = exempt - {n for n, _ in module.named_parameters()}
+    if unknown:
+        raise TypeError(f"{type(module).__name__}.no_weight_decay() names parameters it does not have: "
+                        f"{sorted(unknown)[:5]}")  # fmt: skip
+    decayed = [p for n, p in named if p.dim() >= 2 and n not in exempt]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for n, p in named if p.dim() < 2 or n in exempt], "weight_decay": 0.0}]
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:

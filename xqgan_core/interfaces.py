@@ -342,6 +342,12 @@ class Generator(Component, FrozenParts):
         Call under ``torch.no_grad()`` in eval mode (callers do)."""
         raise NotImplementedError
 
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of matrices and tables that AdamW must not decay, beyond the biases
+        and norm gains it never decays: position and level embeddings, learned attention scales (VAR's list).
+        Default: none."""
+        return set()
+
 
 class Adapter(Component):
     """Full / frozen / LoRA fine-tuning: ``apply(module)`` changes what is trainable and returns the module."""

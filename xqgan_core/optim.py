@@ -9,36 +9,50 @@ import torch
 from torch import nn
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
-    """LR factor for step s: linear 0->1 over ``warmup`` steps, then cosine 1->``min_ratio`` until ``total``."""
+def _decay_progress(step: int, warmup: int, total: int, hold: float) -> float | None:
+    """Where ``step`` is in the decay after the warm-up, 0 -> 1; None while warming up or holding the peak (the
+    first ``hold`` fraction of the post-warm-up steps)."""
+    if warmup > 0 and step < warmup:
+        return None
+    passed = min(1.0, (step - warmup) / max(1, total - warmup))
+    if passed < hold:
+        return None
+    return (passed - hold) / (1.0 - hold)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float, hold: float = 0.0):  # noqa: ANN201 - a LambdaLR factor
+    """LR factor for step s: linear 0->1 over ``warmup`` steps, 1 for the next ``hold`` fraction of the rest, then
+    cosine 1->``min_ratio`` until ``total``."""
 
     def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = _decay_progress(step, warmup, total, hold)
+        if progress is None:
+            return (step + 1) / warmup if step < warmup else 1.0
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
-def warmup_linear(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
-    """LR factor for step s: linear 0->1 over ``warmup`` steps, then linear 1->``min_ratio`` until ``total``."""
+def warmup_linear(warmup: int, total: int, min_ratio: float, hold: float = 0.0):  # noqa: ANN201 - a LambdaLR factor
+    """LR factor for step s: linear 0->1 over ``warmup`` steps, 1 for the next ``hold`` fraction of the rest, then
+    linear 1->``min_ratio`` until ``total`` (VAR's ``lin0`` is ``hold = 0.05``, its ``lin`` 0.15)."""
 
     def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = _decay_progress(step, warmup, total, hold)
+        if progress is None:
+            return (step + 1) / warmup if step < warmup else 1.0
         return 1.0 - (1.0 - min_ratio) * progress
 
     return factor
 
 
-def warmup_schedule(kind: str, warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR factor
-    """The LR factor of ``train.lr_schedule``: ``"cosine"`` (``warmup_cosine``) or ``"linear"`` (``warmup_linear``)."""
+def warmup_schedule(kind: str, warmup: int, total: int, min_ratio: float, hold: float = 0.0):  # noqa: ANN201
+    """The LR factor of ``train.lr_schedule``: ``"cosine"`` (``warmup_cosine``) or ``"linear"`` (``warmup_linear``),
+    with ``train.lr_hold``."""
     schedules = {"cosine": warmup_cosine, "linear": warmup_linear}
     if kind not in schedules:
         raise ValueError(f"train.lr_schedule: unknown schedule {kind!r}; choose one of {sorted(schedules)}")
-    return schedules[kind](warmup, total, min_ratio)
+    return schedules[kind](warmup, total, min_ratio, hold)
 
 
 class EMA:

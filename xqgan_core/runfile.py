@@ -69,6 +69,9 @@ class TrainSection:
     lr_schedule: Literal["cosine", "linear"] = option(
         "cosine", help="Decay after the warm-up, from the peak to min_lr_ratio at the last step: cosine or linear."
     )
+    lr_hold: float = option(0.0, help="Fraction of the steps after the warm-up that keep the peak learning rate "
+                                      "before the decay starts (VAR's lin0 schedule: 0.05 with linear).",
+                            validator=between(0, 0.99))
     grad_clip: float = option(1.0, help="Max global gradient norm; 0 switches clipping off.", validator=at_least(0))
     ema_decay: float = option(0.999, help="EMA decay of the trained weights (tokenizer or generator); 0 switches EMA off.",
                               validator=between(0, 1))

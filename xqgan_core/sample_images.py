@@ -1,9 +1,14 @@
 """``xqgan-run sample``: images sampled from a trained generator run, one PNG per sample and a grid with one
-labelled row per class.
+labelled row per class, at any scale: the 50 000 images of a gFID evaluation stream to disk batch by batch (nothing
+is held in memory), split across ranks under torchrun, and an interrupted job continues with ``--resume``.
 
 >>> written = sample_run("runs/var-tiny", "samples/", classes=[0, 3, 7], n=4, options=SamplingOptions(cfg_scale=2.0))
 
 Sampling settings left at None take the run's ``[sample]`` table (the ones its evaluation grid used).
+
+Reproducibility: batch ``b`` (the sequences ``b * batch_size ...`` of the class-major list: every sample of the
+first class, then of the next) draws from its own generator seeded by ``(seed, b)``. The same seed and batch size
+give the same images whatever the number of ranks and however often the job was restarted.
 """
 
 from __future__ import annotations
@@ -14,18 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from .atomic import atomic_path
+from .distributed import DistEnv, init_process_group, item_seed
 from .generator_run import GeneratorRun, load_generator_run
+from .image_grid import grid_image, labelled_grid, save_grid, to_uint8
 from .interfaces import Device
 from .runfile import SampleSection
 from .tokenizer import OutputExistsError
 
-__all__ = ["SamplingOptions", "sample_classes", "labelled_grid", "sample_run", "GRID"]
+__all__ = ["SamplingOptions", "parse_classes", "sample_batch", "labelled_grid", "sample_run", "GRID"]
 
 GRID = "grid.png"
 DEFAULT_CLASSES = 8  # rows sampled when no classes are asked for
+GRID_ROWS, GRID_COLUMNS = 32, 16  # the grid shows at most this many classes x samples (the first ones)
 
 
 @dataclass(frozen=True)
@@ -47,84 +57,108 @@ class SamplingOptions:
         )  # fmt: skip
 
 
-def sample_classes(run: GeneratorRun, classes: Sequence[int | None], n: int, options: SamplingOptions) -> Tensor:
-    """``n`` images per entry of ``classes`` (None = the null class: unconditional), ``(len(classes), n, 3, H, W)``
-    in [-1, 1]. Every sequence comes from one seeded generator, drawn in batches of ``options.batch_size``."""
+def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
+    """``"0,3,7"``, ``"0-9,20"`` (inclusive ranges) or ``"all"`` (needs ``num_classes``) -> class ids in order.
+    ValueError naming the bad part."""
+    if text.strip() == "all":
+        if num_classes is None:
+            raise ValueError("--classes all: the number of classes is not known here")
+        return list(range(num_classes))
+    ids: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        first, sep, last = part.partition("-")
+        try:
+            lo, hi = (int(first), int(last)) if sep else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"--classes {text!r}: {part!r} is not a class id or a range like 0-9") from None
+        if hi < lo:
+            raise ValueError(f"--classes {text!r}: the range {part!r} is empty")
+        ids.extend(range(lo, hi + 1))
+    return ids
+
+
+def sample_batch(run: GeneratorRun, classes: Sequence[int | None], options: SamplingOptions, batch: int) -> Tensor:
+    """One image per entry of ``classes`` (None = the null class: unconditional), ``(len(classes), 3, H, W)`` in
+    [-1, 1], drawn with the generator of batch number ``batch`` (module docstring)."""
     opts = options.resolved(run.sample)
     device = run.tokenizer.torch_device
-    rng = torch.Generator(device=device).manual_seed(int(opts.seed or 0))
+    rng = torch.Generator(device=device).manual_seed(item_seed(int(opts.seed or 0), batch))
     null = run.num_classes
-    wanted = torch.tensor([null if c is None else c for c in classes for _ in range(n)], dtype=torch.long)
-    images = []
+    cond = torch.tensor([null if c is None else c for c in classes], dtype=torch.long, device=device)
     with torch.no_grad():
-        for start in range(0, len(wanted), opts.batch_size):
-            cond = wanted[start : start + opts.batch_size].to(device)
-            tokens = run.generator.sample(
-                len(cond), cond if run.num_classes else None, cfg_scale=float(opts.cfg_scale),
-                temperature=float(opts.temperature), top_k=int(opts.top_k), top_p=float(opts.top_p), generator=rng,
-            )  # fmt: skip
-            images.append(run.decode(tokens).float().cpu())
-    out = torch.cat(images)
-    return out.view(len(classes), n, *out.shape[1:])
+        tokens = run.generator.sample(
+            len(cond), cond if run.num_classes else None, cfg_scale=float(opts.cfg_scale),
+            temperature=float(opts.temperature), top_k=int(opts.top_k), top_p=float(opts.top_p), generator=rng,
+        )  # fmt: skip
+        return run.decode(tokens).float().cpu()
 
 
-def labelled_grid(images: Tensor, labels: Sequence[str], gutter: int = 2) -> Image.Image:
-    """``(rows, n, 3, H, W)`` images in [-1, 1] as one picture: a row per entry of ``labels``, the label on its left."""
-    rows, n, _, h, w = images.shape
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max((int(probe.textlength(label, font=font)) for label in labels), default=0)
-    row_h = max(h, 12)
-    margin = text_w + 3 * gutter if text_w else 0
-    canvas = Image.new("RGB", (margin + n * (w + gutter) + gutter, rows * (row_h + gutter) + gutter), "white")
-    draw = ImageDraw.Draw(canvas)
-    pixels = _to_uint8(images)
-    for r in range(rows):
-        y = gutter + r * (row_h + gutter)
-        if labels[r]:  # vertically centred by its box (text anchors need FreeType fonts)
-            top, bottom = draw.textbbox((0, 0), labels[r], font=font)[1::2]
-            draw.text((gutter, y + (row_h - (bottom - top)) // 2 - top), labels[r], fill="black", font=font)
-        for c in range(n):
-            canvas.paste(Image.fromarray(pixels[r, c]), (margin + gutter + c * (w + gutter), y + (row_h - h) // 2))
-    return canvas
+def _name(c: int | None) -> str:
+    return f"class{c:04d}" if c is not None else "unconditional"
 
 
-def _to_uint8(images: Tensor) -> np.ndarray:
-    """``(..., 3, H, W)`` in [-1, 1] -> ``(..., H, W, 3)`` uint8."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(arr.movedim(-3, -1).numpy())
-
-
-def _targets(out: Path, classes: Sequence[int | None], n: int) -> list[Path]:
-    names = [f"class{c:04d}" if c is not None else "unconditional" for c in classes]
-    return [out / f"{name}_{i:03d}.png" for name in names for i in range(n)] + [out / GRID]
-
-
-def _refuse_existing(targets: Sequence[Path], overwrite: bool) -> None:
+def _refuse_existing(targets: Sequence[Path]) -> None:
     existing = [t for t in targets if t.exists() or t.is_symlink()]
-    if existing and not overwrite:
+    if existing:
         listed = "\n".join(f"  {t} (exists)" for t in existing[:10]) + ("\n  ..." if len(existing) > 10 else "")
-        raise OutputExistsError(f"sample would overwrite {len(existing)} file(s); choose another --out folder or pass "
-                                f"--force to overwrite; nothing was written:\n{listed}")  # fmt: skip
+        raise OutputExistsError(f"sample would overwrite {len(existing)} file(s); choose another --out folder, pass "
+                                f"--resume to complete an interrupted job or --force to overwrite; nothing was "
+                                f"written:\n{listed}")  # fmt: skip
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    """Atomically: an interrupted job never leaves a truncated PNG that ``--resume`` would take as done."""
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
 
 
 def sample_run(
     generator_run: str | Path,
     out_dir: str | Path,
     *,
-    classes: Sequence[int] | None = None,
+    classes: Sequence[int] | str | None = None,
     n: int = 4,
     options: SamplingOptions = SamplingOptions(),
     device: Device | str | torch.device | None = None,
     use_ema: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    grid: bool = True,
+    progress: bool = False,
+    dist_timeout_s: float = 4 * 3600.0,
 ) -> list[Path]:
-    """Sample ``n`` images of each class (default: the first 8 classes; one unconditional row for an unconditional
-    generator) and write ``<out>/class0003_000.png``... and ``<out>/grid.png``; returns the written paths, grid last.
+    """Sample ``n`` images of each class (ids, or a ``parse_classes`` text such as ``"0-999"`` / ``"all"``; default:
+    the first 8 classes; one unconditional row for an unconditional generator) and write
+    ``<out>/class0003_000.png``... and, with ``grid``, ``<out>/grid.png`` (the first ``GRID_ROWS`` classes x
+    ``GRID_COLUMNS`` samples, read back from the written files); returns every target path, the grid last when
+    written.
 
-    ValueError for a class id the run does not have; OutputExistsError (before sampling) when a PNG exists and
-    ``overwrite`` is off."""
+    Under torchrun every rank samples the batches ``b`` with ``b % world == rank`` on its own device and rank 0
+    writes the grid after a barrier. ``resume`` keeps batches whose PNGs all exist; ``overwrite`` redraws
+    everything; otherwise existing files are refused before anything is sampled (OutputExistsError). ValueError for
+    a class id the run does not have."""
+    from .devices import device_named
+
+    env = DistEnv.from_environ()
+    if env.distributed:
+        device = device if isinstance(device, Device) else device_named(None if device is None else str(device))
+        init_process_group(device, env, dist_timeout_s)
+    try:
+        return _sample_rank(generator_run, Path(out_dir), classes, n, options, device, use_ema, overwrite, resume,
+                            grid, progress, env)  # fmt: skip
+    finally:
+        if env.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _sample_rank(generator_run: str | Path, out: Path, classes: Sequence[int] | str | None, n: int,
+                 options: SamplingOptions, device: Device | str | torch.device | None, use_ema: bool,
+                 overwrite: bool, resume: bool, grid: bool, progress: bool, env: DistEnv) -> list[Path]:  # fmt: skip
     run = load_generator_run(generator_run, device=device, use_ema=use_ema)
+    if isinstance(classes, str):
+        classes = parse_classes(classes, run.num_classes)
     rows: list[int | None]
     if run.num_classes == 0:
         if classes:
@@ -135,16 +169,40 @@ def sample_run(
         rows = list(classes) if classes else list(range(min(DEFAULT_CLASSES, run.num_classes)))
         bad = [c for c in rows if not 0 <= c < run.num_classes]
         if bad:
-            raise ValueError(f"--classes: {bad} not in 0..{run.num_classes - 1} (the run's {run.num_classes} classes)")
-    out = Path(out_dir)
-    targets = _targets(out, rows, n)
-    _refuse_existing(targets, overwrite)
-    images = sample_classes(run, rows, n, options)
+            raise ValueError(f"--classes: {bad[:10]} not in 0..{run.num_classes - 1} (the run's {run.num_classes} "
+                             "classes)")  # fmt: skip
+    wanted = [(c, i) for c in rows for i in range(n)]
+    targets = [out / f"{_name(c)}_{i:03d}.png" for c, i in wanted]
+    grid_path = [out / GRID] if grid else []
+    if not (overwrite or resume):
+        _refuse_existing(targets + grid_path)  # every rank checks every file, so all ranks agree
+    if env.distributed:
+        torch.distributed.barrier()  # no rank writes before every rank has checked
+    size = options.batch_size
+    batches = [b for b in range(-(-len(wanted) // size)) if b % env.world == env.rank]
+    if resume and not overwrite:
+        batches = [b for b in batches if not all(t.is_file() for t in targets[b * size : (b + 1) * size])]
     out.mkdir(parents=True, exist_ok=True)
-    pixels = _to_uint8(images)
-    for path, pic in zip(targets, pixels.reshape(-1, *pixels.shape[2:])):
-        Image.fromarray(pic).save(path, format="PNG")
+    bar = tqdm(total=sum(len(targets[b * size : (b + 1) * size]) for b in batches), unit="img", desc="sample",
+               disable=not (progress and env.is_main), dynamic_ncols=True)  # fmt: skip
+    for b in batches:
+        chunk = slice(b * size, (b + 1) * size)
+        pixels = to_uint8(sample_batch(run, [c for c, _ in wanted[chunk]], options, b))
+        for path, pic in zip(targets[chunk], pixels):
+            _write_png(path, pic)
+        bar.update(len(pixels))
+    bar.close()
+    if env.distributed:
+        torch.distributed.barrier()
+    if grid and env.is_main:
+        _write_grid(out / GRID, run, rows, n)
+    return targets + grid_path
+
+
+def _write_grid(path: Path, run: GeneratorRun, rows: Sequence[int | None], n: int) -> None:
+    shown, cols = list(rows[:GRID_ROWS]), min(n, GRID_COLUMNS)
+    pixels = np.stack([np.stack([np.asarray(Image.open(path.parent / f"{_name(c)}_{i:03d}.png").convert("RGB"))
+                                 for i in range(cols)]) for c in shown])  # fmt: skip
     labels = ["unconditional" if c is None else f"{c}: {run.class_names[c]}" if run.class_names[c] else str(c)
-              for c in rows]  # fmt: skip
-    labelled_grid(images, labels).save(targets[-1], format="PNG")
-    return targets
+              for c in shown]  # fmt: skip
+    save_grid(grid_image(pixels, labels), path)

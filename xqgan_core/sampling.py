@@ -32,20 +32,39 @@ def token_cross_entropy(logits: Sequence[Tensor], tokens: Tensor, weight: Tensor
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """``logits`` with everything outside the top-k and outside the nucleus of mass ``top_p`` set to -inf (last dim).
-    The most likely token always survives."""
+    The most likely token always survives.
+
+    Top-k keeps every logit at least the k-th largest (ties with it included). The nucleus is the shortest run of
+    the most likely remaining tokens whose mass reaches ``top_p`` (a token is kept while the mass before it is below
+    ``top_p``); it is applied as a logit threshold, so a token tied with its least likely member is kept too and
+    the result never depends on how a sort orders equal logits. With both filters on, the nucleus is found among
+    the k values ``topk`` returns sorted (plus the count of ties with the k-th outside them), without sorting the
+    whole vocabulary."""
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"filter_logits: need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-    out = logits
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
+        best = torch.topk(logits, top_k, dim=-1).values  # sorted, most likely first
+        kth = best[..., -1:]
+        if top_p < 1.0:
+            ties_outside = (logits >= kth).sum(-1, keepdim=True) - top_k  # equal to the k-th, not among the k
+            return logits.masked_fill(logits < _nucleus_floor(best, top_p, ties_outside), float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        drop_sorted = mass_before >= top_p  # keep a token while the mass before it is below top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
+        ranked = torch.sort(logits, dim=-1, descending=True).values
+        return logits.masked_fill(logits < _nucleus_floor(ranked, top_p), float("-inf"))
+    return logits
+
+
+def _nucleus_floor(ranked: Tensor, top_p: float, ties_outside: Tensor | None = None) -> Tensor:
+    """The least logit of the nucleus of mass ``top_p``, ``(..., 1)``, given the candidate logits sorted most likely
+    first ``(..., n)`` (-inf = not a candidate) and, per row, how many more candidates equal to the last one were
+    left out of ``ranked`` (they only add to the total mass: if the nucleus reaches them, it ends on their value)."""
+    weights = (ranked - ranked[..., :1]).exp()  # unnormalised probabilities
+    mass = weights.cumsum(-1)
+    total = mass[..., -1:] if ties_outside is None else mass[..., -1:] + ties_outside * weights[..., -1:]
+    below = (mass < top_p * total).sum(-1, keepdim=True)  # tokens whose mass so far is below top_p
+    kept = (below + 1).clamp_max(ranked.shape[-1])  # ... and the one that reaches it
+    return ranked.gather(-1, kept - 1)
 
 
 def sample_logits(

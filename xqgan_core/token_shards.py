@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import XQGanError
 from .fallback_dataset import Item, ItemKey, coin, parse_key
 from .token_layout import TokenLayout
@@ -130,13 +131,8 @@ def write_shard(
     if flipped is not None:
         tensors[FLIPPED] = flipped.contiguous()
     meta = {"format": FORMAT, "job": job, "count": str(int(labels.shape[0])), "skipped": json.dumps(skipped)}
-    tmp = path.with_name(f".{path.name}.tmp")  # one rank owns a shard number: no other writer uses this name
-    with open(tmp, "wb") as fh:  # written by us (not save_file): the file gets the user's umask, not mode 0600
-        fh.write(safetensors_bytes(tensors, metadata=meta))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    # bytes written by us (not save_file): the file gets the user's umask, not mode 0600
+    write_bytes_atomic(path, safetensors_bytes(tensors, metadata=meta))
 
 
 def read_shard_meta(path: Path) -> dict[str, Any] | None:
@@ -152,21 +148,8 @@ def read_shard_meta(path: Path) -> dict[str, Any] | None:
 
 
 def write_index(folder: Path, record: dict[str, Any]) -> Path:
-    path = folder / INDEX
-    tmp = path.with_name(f".{INDEX}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, **record}, indent=2) + "\n", encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(folder)
-    return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    text = json.dumps({"format": FORMAT, "version": VERSION, **record}, indent=2) + "\n"
+    return write_text_atomic(folder / INDEX, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .devices import device_named
 from .distributed import DistEnv, init_process_group, item_seed
 from .errors import ConfigError, ImageReadError, XQGanError
 from .images import DEFAULT_MAX_PIXELS, decode_rgb, load_rgb, render, square_box
@@ -398,6 +400,13 @@ def finish_index(tokenizer: Tokenizer, inputs: Inputs, out: str | Path, *, flip:
 # the command
 
 
+def default_workers() -> int:
+    """Image-decoding workers when none are asked for: up to 4, never more than the CPUs this process may use (more
+    only slow the encoder down, and torch's DataLoader warns about them)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, usable)
+
+
 def tokenize(
     tokenizer_run: str,
     out: str | Path,
@@ -408,24 +417,25 @@ def tokenize(
     seed: int = 0,
     flip: bool = False,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     device: str | None = None,
     precision: str = "auto",
     shard_size: int = DEFAULT_SHARD_SIZE,
     use_ema: bool = True,
     progress: bool = True,
     dist_timeout_s: float = 4 * 3600.0,
+    filename: str | None = None,
 ) -> Path | None:
     """``xqgan-run tokenize``: the whole job on this process's rank (every rank under torchrun). Returns the index
     path on rank 0, None on the other ranks."""
     import torch.distributed as dist
 
     env = DistEnv.from_environ()
-    dev = _device(device)
+    dev = device_named(device)
     if env.distributed:
         init_process_group(dev, env, dist_timeout_s)  # generous: ranks wait for the slowest one at the barrier
     try:
-        tok = Tokenizer.from_pretrained(tokenizer_run, device=dev, use_ema=use_ema)
+        tok = Tokenizer.from_pretrained(tokenizer_run, filename=filename, device=dev, use_ema=use_ema)
         resolution = _resolution(tok)
         if built_in_samples:
             inputs = sample_units(resolution, crops_per_image, seed, shard_size)
@@ -437,6 +447,8 @@ def tokenize(
             inputs = webdataset_units(data, resolution, tok.max_pixels)
         else:
             raise TokenizeError(f"--data {data}: neither a folder of images nor webdataset tar shards (*.tar)")
+        if workers is None:
+            workers = default_workers()
         tokenize_units(tok, inputs, out, flip=flip, batch_size=batch_size, workers=workers, precision=precision,
                        rank=env.rank, world=env.world, progress=progress and env.is_main)  # fmt: skip
         if env.distributed:
@@ -449,8 +461,3 @@ def tokenize(
             dist.destroy_process_group()
 
 
-def _device(name: str | None) -> Device:
-    from .devices import auto_device
-    from .registry import build
-
-    return auto_device() if name in (None, "auto") else build("device", str(name))

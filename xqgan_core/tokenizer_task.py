@@ -82,7 +82,7 @@ class TokenizerTask(Task):
         params = [p for p in (*model.parameters(), *aligners.parameters()) if p.requires_grad]
         self.tokenizer_params = params
         self.tokenizer_opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.lr_factor = warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio)
+        self.lr_factor = warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_hold)
         self.tokenizer_sched = torch.optim.lr_scheduler.LambdaLR(self.tokenizer_opt, self.lr_factor)
         self.disc_opt = (torch.optim.AdamW(discs.parameters(), lr=t.disc_lr, betas=t.betas,
                                            weight_decay=t.disc_weight_decay) if len(discs) else None)

@@ -47,8 +47,6 @@ ScaleChooser = Callable[[int, list[Tensor]], Tensor]
 
 #: VAR's initialisation: AdaLN scale/shift rows damped, gates near zero (blocks start close to the identity),
 #: output head small
-_INIT_ADALN = 0.5
-_INIT_GATE = 1e-5
 _INIT_HEAD = 0.02
 
 
@@ -74,6 +72,11 @@ class NextScaleGenerator(Generator):
         norm_eps: float = option(1e-6, help="epsilon of the layer norms", validator=positive())
         init_std: float = option(0.0, help="std of the truncated-normal init of weights and embeddings; "
                                  "0 = sqrt(1 / (3 width)) (VAR's)", validator=at_least(0.0))
+        adaln_init: float = option(0.5, help="multiplier of the AdaLN projections' initial scale and shift rows "
+                                   "(VAR's --aln)", validator=at_least(0.0))
+        adaln_gate_init: float = option(1e-5, help="multiplier of the AdaLN projections' initial gate rows: near 0, "
+                                        "every block starts close to the identity (VAR's --alng; the reference's "
+                                        "VAR-d17 recipe: 1e-4)", validator=at_least(0.0))
 
         def check(self) -> list[str]:
             problems = []
@@ -91,7 +94,7 @@ class NextScaleGenerator(Generator):
         self.num_heads = c.heads or c.depth
         if self.width % self.num_heads:
             raise ValueError(f"generator var: width ({self.width}) must be a multiple of heads ({self.num_heads})")
-        rates = torch.linspace(0.0, c.drop_path, c.depth).tolist()
+        rates = torch.linspace(0.0, c.drop_path, c.depth, device="cpu").tolist()  # cpu: buildable on meta
         self.blocks = nn.ModuleList(
             AdaLNBlock(self.width, self.num_heads, c.mlp_ratio, c.attn_l2_norm, rate, c.norm_eps) for rate in rates
         )
@@ -99,7 +102,7 @@ class NextScaleGenerator(Generator):
         self.layout: TokenLayout | None = None
         self.num_classes = 0
         # set by bind (sized by the tokens): class_embedding, pos_start, pos_embed, level_embed, word_embed, head,
-        # the token -> scale map, the block-causal mask, and the frozen quantizer (NextScaleInputs)
+        # the token -> scale map, the scales' token offsets, and the frozen quantizer (NextScaleInputs)
         self.class_embedding: nn.Embedding
         self.pos_start: nn.Parameter
         self.pos_embed: nn.Parameter
@@ -107,7 +110,6 @@ class NextScaleGenerator(Generator):
         self.word_embed: nn.Linear
         self.head: nn.Linear
         self.scale_of_token: Tensor
-        self.attn_mask: Tensor
         self.quantizer: NextScaleInputs
         self.offsets: tuple[int, ...] = ()
 
@@ -128,8 +130,6 @@ class NextScaleGenerator(Generator):
         self.offsets = (0, *torch.tensor(sizes).cumsum(0).tolist())
         scale_of_token = torch.repeat_interleave(torch.arange(len(scales)), torch.tensor(sizes)).to(device)
         self.register_buffer("scale_of_token", scale_of_token, persistent=False)
-        # block-causal: a token sees every token of its own and earlier scales (True = attend)
-        self.register_buffer("attn_mask", scale_of_token[:, None] >= scale_of_token[None, :], persistent=False)
         self.class_embedding = nn.Embedding(self.num_classes + 1, width, device=device)
         self.pos_start = nn.Parameter(torch.empty(1, sizes[0], width, device=device))
         self.pos_embed = nn.Parameter(torch.empty(1, layout.length, width, device=device))
@@ -153,10 +153,16 @@ class NextScaleGenerator(Generator):
                 block.attn.proj.weight.mul_(residual_scale)
                 block.mlp[2].weight.mul_(residual_scale)
                 modulation = block.modulation[1].weight
-                modulation[: 2 * self.width].mul_(_INIT_GATE)
-                modulation[2 * self.width:].mul_(_INIT_ADALN)
-            self.head_norm.modulation[1].weight.mul_(_INIT_ADALN)
+                modulation[: 2 * self.width].mul_(self.config.adaln_gate_init)
+                modulation[2 * self.width:].mul_(self.config.adaln_init)
+            self.head_norm.modulation[1].weight.mul_(self.config.adaln_init)
             self.head.weight.mul_(_INIT_HEAD)
+
+    def no_weight_decay(self) -> set[str]:
+        """VAR's exemptions from weight decay: start and position embeddings, the level embedding and the attention
+        log-scales (decaying those would pull every head towards a softer attention)."""
+        exempt = {"pos_start", "pos_embed", "level_embed.weight"}
+        return {n for n, _ in self.named_parameters() if n in exempt or n.endswith(".attn.l2_scale")}
 
     def _bound(self) -> TokenLayout:
         if self.layout is None:
@@ -187,7 +193,8 @@ class NextScaleGenerator(Generator):
 
     def _logits(self, x: Tensor, cond: Tensor) -> list[Tensor]:
         out = self.head(self.head_norm(x, cond)).float()
-        return list(out.split(list(self._bound().vocab_sizes), dim=-1))
+        sizes = self._bound().vocab_sizes
+        return [out] if len(sizes) == 1 else list(out.split(list(sizes), dim=-1))  # one column: no split to undo
 
     # -- teacher forcing ----------------------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, condition: Tensor | None) -> GeneratorOut:
@@ -206,7 +213,7 @@ class NextScaleGenerator(Generator):
             later = self._embed_inputs(maps, x.dtype) + self._scale_positions(self.offsets[1], layout.length)
             x = torch.cat([x, later], dim=1)
         for block in self.blocks:
-            x = block(x, cond, mask=self.attn_mask)
+            x = block(x, cond, spans=self.offsets)  # block-causal over scales
         return GeneratorOut(logits=self._logits(x, cond))
 
     # -- the cached decoder (sampling, and teacher forcing through the cache) -------------------------------------
