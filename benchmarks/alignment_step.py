@@ -125,7 +125,14 @@ def our_side(size: str, precision: str, batch: int, teachers: dict[str, Path], d
     if dino:
         modes["aligned+dino"] = step(on, 1)
     teacher_objs = {spec.use: aligner.teacher for spec, aligner in zip(cfg.aligners, task.aligners)}
-    return {"modes": modes, "teachers": teacher_forwards(teacher_objs, batch_[0]["image"], lambda t, x: t.features(x)),
+    def features(teacher: Any, x: Any, bf16: bool) -> Any:  # as training runs it: the teacher's own precision
+        teacher.precision = "bf16" if bf16 else "fp32"
+        try:
+            return teacher.features(x)
+        finally:
+            teacher.precision = "auto"
+
+    return {"modes": modes, "teachers": teacher_forwards(teacher_objs, batch_[0]["image"], features),
             "params_M": sum(p.numel() for p in task.model.parameters()) / 1e6}
 
 
@@ -157,8 +164,8 @@ def reference_side(size: str, batch: int, repo: str) -> dict[str, Any]:
     normalize = lambda x: model.normalize(model.denormalize(x))  # noqa: E731 - its input transform for the guides
     teachers = {"dinov2": model.semantic_model, "clip": model.detail_model}
 
-    def forward(net: Any, x: Any) -> Any:
-        with torch.no_grad():
+    def forward(net: Any, x: Any, bf16: bool) -> Any:  # bf16: autocast around its fp32 teacher, as its trainer
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return net.forward_features(normalize(x))
 
     return {"modes": {"plain": step(False), "aligned": step(True)},
@@ -167,16 +174,14 @@ def reference_side(size: str, batch: int, repo: str) -> dict[str, Any]:
                             if not n.startswith(("semantic_model", "detail_model"))) / 1e6}
 
 
-def teacher_forwards(teachers: dict[str, Any], images: Any, forward: Callable[[Any, Any], Any]) -> dict[str, Any]:
-    """name -> {precision: function timing one forward of that teacher on the batch}."""
-    import contextlib
-
-    import torch
+def teacher_forwards(teachers: dict[str, Any], images: Any, forward: Callable[[Any, Any, bool], Any]
+                     ) -> dict[str, Any]:  # fmt: skip
+    """name -> {precision: function timing one forward of that teacher on the batch}; ``forward(net, images, bf16)``
+    runs it the way its side's training does in that precision."""
 
     def timed(net: Any, bf16: bool) -> Callable[[], None]:
         def run() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                forward(net, images)
+            forward(net, images, bf16)
 
         return run
 

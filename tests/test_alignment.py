@@ -125,6 +125,30 @@ def test_teacher_runs_in_bf16_when_asked_and_hands_out_fp32() -> None:
     assert teacher.seen == torch.float32
 
 
+def test_a_bf16_teacher_runs_on_a_bf16_copy_of_its_frozen_weights() -> None:
+    """The copy is made once (not at every call), the fp32 weights stay as they were, and it is not state."""
+    from xqgan_core.testing import TinyTeacher
+
+    class Recording(TinyTeacher):
+        def extract(self, pixels: torch.Tensor) -> alignment.TeacherFeatures:
+            self.weight_dtype = self.embed.weight.dtype  # what the forward really multiplies with
+            return super().extract(pixels)
+
+    teacher = Recording().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher.precision = "bf16"
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    first = teacher.features(images)
+    copy = teacher._weights_in(torch.bfloat16)
+    assert teacher.weight_dtype == torch.bfloat16 and copy["embed.weight"].dtype == torch.bfloat16
+    second = teacher.features(images)
+    assert teacher._weights_in(torch.bfloat16) is copy and torch.equal(first.patches, second.patches)
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in teacher.state_dict().items())
+    teacher.precision = "fp32"
+    teacher.features(images)
+    assert teacher.weight_dtype == torch.float32
+
+
 def test_logit_scale_ramp() -> None:
     assert annealed_scale(0, 200, 1.0, 100.0) == 1.0
     assert annealed_scale(100, 200, 1.0, 100.0) == pytest.approx(50.5)

@@ -30,6 +30,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .config import at_least, config, option, positive
 from .distributed import world_size
@@ -106,10 +107,33 @@ class Teacher(nn.Module):
     def extract(self, pixels: Tensor) -> TeacherFeatures:
         raise NotImplementedError
 
+    def forward(self, pixels: Tensor) -> TeacherFeatures:
+        return self.extract(pixels)
+
     def features(self, images: Tensor) -> TeacherFeatures:
-        with torch.no_grad(), teacher_autocast(images.device, self.precision):
-            out = self.extract(self.preprocessing(images))
+        """The teacher's features of ``images`` in [-1, 1], without gradient. Under bf16 it runs on a bf16 copy of
+        its weights made once: autocast does not cache the casts of weights that need no gradient (a frozen
+        teacher's), so it would re-cast every weight at every call, and on CPU torch then takes a path ~10x slower
+        than bf16 weights (open_clip ViT-B/16: 6.7 s against 0.63 s per batch of 4)."""
+        autocast = teacher_autocast(images.device, self.precision)
+        with torch.no_grad(), autocast:
+            pixels = self.preprocessing(images)
+            if isinstance(autocast, contextlib.nullcontext):
+                out = self.extract(pixels)
+            else:
+                out = functional_call(self, self._weights_in(torch.bfloat16), (pixels.to(torch.bfloat16),))
         return TeacherFeatures(cls=out.cls.float(), patches=out.patches.float())
+
+    def _weights_in(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The floating-point parameters and buffers in ``dtype``, made once per device (the teacher is frozen: its
+        weights never change after loading)."""
+        key = (dtype, next(self.parameters()).device)
+        cached = self.__dict__.get("_low_precision")
+        if cached is None or cached[0] != key:
+            named = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+            weights = {n: t.detach().to(dtype) if t.is_floating_point() else t for n, t in named.items()}
+            self.__dict__["_low_precision"] = cached = (key, weights)  # plain attribute: never in state_dict / .to()
+        return cached[1]
 
 
 def teacher_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
