@@ -40,7 +40,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from xqgan_core import Registry, build
-    from xqgan_core.generator_task import _decay_groups
+    from xqgan_core.generator_task import decay_groups
     from xqgan_core.sampling import token_cross_entropy
 
     device = torch.device(args.device)
@@ -53,7 +53,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     generator.bind(layout, quantizer, NUM_CLASSES)
     generator.to(device)
     params = sum(p.numel() for p in generator.parameters())
-    opt = torch.optim.AdamW(_decay_groups(generator, 0.05), lr=1e-4, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(decay_groups(generator, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             fused=device.type == "cuda")  # fmt: skip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     g = torch.Generator().manual_seed(0)

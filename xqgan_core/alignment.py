@@ -103,6 +103,8 @@ class Teacher(nn.Module):
     patch_dim: int
     #: "auto": bf16 autocast on a device with bf16 support (CUDA compute capability >= 8, HPU), else fp32
     precision: str = "auto"
+    #: (dtype, device) -> the weights in that dtype, made by ``_weights_in``
+    _low_precision: tuple[tuple[torch.dtype, torch.device], dict[str, Tensor]] | None = None
 
     def extract(self, pixels: Tensor) -> TeacherFeatures:
         raise NotImplementedError
@@ -115,31 +117,34 @@ class Teacher(nn.Module):
         its weights made once: autocast does not cache the casts of weights that need no gradient (a frozen
         teacher's), so it would re-cast every weight at every call, and on CPU torch then takes a path ~10x slower
         than bf16 weights (open_clip ViT-B/16: 6.7 s against 0.63 s per batch of 4)."""
-        autocast = teacher_autocast(images.device, self.precision)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), teacher_autocast(images.device, self.precision):
             pixels = self.preprocessing(images)
-            if isinstance(autocast, contextlib.nullcontext):
-                out = self.extract(pixels)
-            else:
+            if teacher_in_bf16(images.device, self.precision):
                 out = functional_call(self, self._weights_in(torch.bfloat16), (pixels.to(torch.bfloat16),))
+            else:
+                out = self.extract(pixels)
         return TeacherFeatures(cls=out.cls.float(), patches=out.patches.float())
 
     def _weights_in(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """The floating-point parameters and buffers in ``dtype``, made once per device (the teacher is frozen: its
         weights never change after loading)."""
         key = (dtype, next(self.parameters()).device)
-        cached = self.__dict__.get("_low_precision")
-        if cached is None or cached[0] != key:
+        if self._low_precision is None or self._low_precision[0] != key:
             named = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             weights = {n: t.detach().to(dtype) if t.is_floating_point() else t for n, t in named.items()}
-            self.__dict__["_low_precision"] = cached = (key, weights)  # plain attribute: never in state_dict / .to()
-        return cached[1]
+            self._low_precision = (key, weights)  # a plain attribute: not state, not moved by .to()
+        return self._low_precision[1]
+
+
+def teacher_in_bf16(device: torch.device, precision: str) -> bool:
+    """Whether a teacher runs in bf16: where the device computes bf16 natively ("auto"), always ("bf16") or never
+    ("fp32"). CPUs run fp32 under "auto": most lack native bf16 and would be slower, not faster."""
+    return precision == "bf16" or (precision == "auto" and _native_bf16(device))
 
 
 def teacher_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast for a teacher's forward where the device computes bf16 natively ("auto"), always ("bf16") or
-    never ("fp32"). CPUs run fp32 under "auto": most lack native bf16 and would be slower, not faster."""
-    if precision == "fp32" or (precision == "auto" and not _native_bf16(device)):
+    """bf16 autocast around a teacher's forward when ``teacher_in_bf16``, else nothing."""
+    if not teacher_in_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

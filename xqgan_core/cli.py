@@ -443,7 +443,7 @@ def _sample(args: list[str]) -> int:
     except (OutputExistsError, ValueError) as exc:
         print(f"xqgan-run sample: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    pngs = [w for w in written if w.name != "grid.png"]
+    pngs = written[:-1] if ns.grid else written  # the grid comes last
     print(f"{len(pngs)} sample(s) in {ns.out}" + (f", grid {written[-1]}" if ns.grid else ""))
     return EXIT_OK
 

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
+from . import image_grid
 from .metrics import CodebookUsage, MetricAverager, VarCodebookUsage, bicubic_thumbnail, psnr, ssim
 from .model import TokenizerModel
 
@@ -132,20 +131,7 @@ def evaluate(
 
 def save_grid(originals: Tensor, recons: Tensor, path: str | Path, columns: int = 8) -> Path:
     """A PNG with rows of originals, each followed by a row of their reconstructions (2 px white gutters)."""
-    n, _, h, w = originals.shape
-    columns = max(1, min(columns, n))
-    rows = (n + columns - 1) // columns
-    gutter = 2
-    canvas = np.full((rows * 2 * (h + gutter) + gutter, columns * (w + gutter) + gutter, 3), 255, dtype=np.uint8)
-    to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
-    for i in range(n):
-        r, c = divmod(i, columns)
-        x0 = gutter + c * (w + gutter)
-        for j, img in enumerate((originals[i], recons[i])):
-            y0 = gutter + (2 * r + j) * (h + gutter)
-            canvas[y0 : y0 + h, x0 : x0 + w] = to_u8(img)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, durable=False) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return path
+    columns = max(1, min(columns, originals.shape[0]))
+    top, bottom = (image_grid.in_rows(image_grid.to_uint8(images), columns) for images in (originals, recons))
+    pairs = np.stack([top, bottom], axis=1)  # (rows, 2, columns, H, W, 3): a row of originals, then theirs
+    return image_grid.save_grid(image_grid.grid_image(pairs.reshape(-1, *pairs.shape[2:])), path)

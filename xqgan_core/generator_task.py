@@ -22,12 +22,11 @@ import pluggy
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .distributed import wrap_ddp
 from .errors import CheckpointError, ConfigError
 from .evaluation import forked_rng
-from .generator_run import (GENERATOR, GENERATOR_EMA, generator_meta, load_frozen_tokenizer,
-                            tokenizer_identity)
-from .atomic import atomic_path
+from .generator_run import GENERATOR, GENERATOR_EMA, generator_meta, load_frozen_tokenizer, tokenizer_identity
 from .image_grid import grid_image, save_grid, save_image_grid, to_uint8
 from .interfaces import Generator
 from .optim import EMA, clip_gradients, warmup_schedule
@@ -83,7 +82,7 @@ class GeneratorTask(Task):
         self.generator = generator
         self.train_generator = wrap_ddp(generator, dev)
         self.params = [p for p in generator.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(_decay_groups(generator, t.weight_decay), lr=t.lr, betas=t.betas)
+        self.opt = torch.optim.AdamW(decay_groups(generator, t.weight_decay), lr=t.lr, betas=t.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_schedule(t.lr_schedule, t.warmup_steps, t.steps, t.min_lr_ratio, t.lr_hold)
         )
@@ -287,7 +286,7 @@ def token_accuracy(logits: list[Tensor], tokens: Tensor) -> Tensor:
     return torch.stack(hits).mean()
 
 
-def _decay_groups(module: Generator, weight_decay: float) -> list[dict[str, Any]]:
+def decay_groups(module: Generator, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices and embedding tables (dim >= 2), none on biases and norm gains nor on
     what the generator lists in ``no_weight_decay()`` (a name it does not have is a bug in the plugin: refused)."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .atomic import atomic_path
 
-__all__ = ["to_uint8", "grid_image", "labelled_grid", "save_grid", "save_image_grid"]
+__all__ = ["to_uint8", "in_rows", "grid_image", "save_grid", "save_image_grid"]
 
 GUTTER = 2
 
@@ -22,6 +22,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
     """``(..., 3, H, W)`` in [-1, 1] -> ``(..., H, W, 3)`` uint8."""
     arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return np.ascontiguousarray(arr.movedim(-3, -1).numpy())
+
+
+def in_rows(pixels: np.ndarray, columns: int) -> np.ndarray:
+    """``(N, H, W, 3)`` pixels as ``(rows, columns, H, W, 3)``, the last row padded with white."""
+    n = pixels.shape[0]
+    rows = -(-n // columns)
+    padded = np.full((rows * columns, *pixels.shape[1:]), 255, dtype=np.uint8)
+    padded[:n] = pixels
+    return padded.reshape(rows, columns, *pixels.shape[1:])
 
 
 def grid_image(pixels: np.ndarray, labels: Sequence[str] = ()) -> Image.Image:
@@ -46,11 +55,6 @@ def grid_image(pixels: np.ndarray, labels: Sequence[str] = ()) -> Image.Image:
     return canvas
 
 
-def labelled_grid(images: Tensor, labels: Sequence[str]) -> Image.Image:
-    """``(rows, n, 3, H, W)`` images in [-1, 1], a row per entry of ``labels``."""
-    return grid_image(to_uint8(images), labels)
-
-
 def save_grid(picture: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +66,4 @@ def save_grid(picture: Image.Image, path: str | Path) -> Path:
 def save_image_grid(images: Tensor, path: str | Path, columns: int = 8) -> Path:
     """Images ``(N, 3, H, W)`` in [-1, 1] as one PNG, ``columns`` per row (the last row padded with white)."""
     pixels = to_uint8(images)
-    n = pixels.shape[0]
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
-    padded = np.full((rows * columns, *pixels.shape[1:]), 255, dtype=np.uint8)
-    padded[:n] = pixels
-    return save_grid(grid_image(padded.reshape(rows, columns, *pixels.shape[1:])), path)
+    return save_grid(grid_image(in_rows(pixels, max(1, min(columns, pixels.shape[0])))), path)

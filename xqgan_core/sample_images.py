@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .distributed import DistEnv, init_process_group, item_seed
 from .generator_run import GeneratorRun, load_generator_run
-from .image_grid import grid_image, labelled_grid, save_grid, to_uint8
+from .image_grid import grid_image, save_grid, to_uint8
 from .interfaces import Device
 from .runfile import SampleSection
 from .tokenizer import OutputExistsError
 
-__all__ = ["SamplingOptions", "parse_classes", "sample_batch", "labelled_grid", "sample_run", "GRID"]
+__all__ = ["SamplingOptions", "parse_classes", "sample_batch", "sample_run", "GRID"]
 
 GRID = "grid.png"
 DEFAULT_CLASSES = 8  # rows sampled when no classes are asked for

@@ -3,7 +3,7 @@ level embeddings nor the attention log-scales), through the generator task's par
 
 from __future__ import annotations
 
-from xqgan_core.generator_task import _decay_groups
+from xqgan_core.generator_task import decay_groups
 from xqgan_core.registry import build
 
 
@@ -18,7 +18,7 @@ def _bound(attn_l2_norm: bool = True):
 def test_var_exempts_position_level_embeddings_and_attention_scales() -> None:
     g = _bound()
     names = {id(p): n for n, p in g.named_parameters()}
-    decayed, spared = ({names[id(p)] for p in group["params"]} for group in _decay_groups(g, 0.05))
+    decayed, spared = ({names[id(p)] for p in group["params"]} for group in decay_groups(g, 0.05))
     assert {"pos_start", "pos_embed", "level_embed.weight", "blocks.0.attn.l2_scale", "blocks.1.attn.l2_scale"} <= spared
     assert {"class_embedding.weight", "word_embed.weight", "head.weight", "blocks.0.attn.qkv.weight"} <= decayed
     assert not decayed & spared and decayed | spared == set(names.values())
@@ -27,4 +27,4 @@ def test_var_exempts_position_level_embeddings_and_attention_scales() -> None:
 def test_without_l2_attention_there_is_no_scale_to_exempt() -> None:
     g = _bound(attn_l2_norm=False)
     assert g.no_weight_decay() == {"pos_start", "pos_embed", "level_embed.weight"}
-    _decay_groups(g, 0.05)  # every listed name exists
+    decay_groups(g, 0.05)  # every listed name exists
