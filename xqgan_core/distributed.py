@@ -3,6 +3,7 @@ gradient averaging. Everything here also runs unchanged in a single process (wor
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Iterable, Iterator
@@ -98,6 +99,27 @@ def init_process_group(device: Device, env: DistEnv, timeout_s: float) -> None:
             )
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend=device.dist_backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def process_group(device: Device, env: DistEnv, timeout_s: float) -> Iterator[None]:
+    """The default process group for the block when ``env`` is distributed (``init_process_group``); nothing in a
+    single process. A block that ends normally waits for every rank before tearing the group down: a rank that
+    destroys its gloo group and exits while a peer is still working (rank 0's evaluation, index or grid) can abort
+    at exit ("terminate called without an active exception", SIGABRT; seen once in CI). A block that raises does not
+    wait, since a failed peer may never arrive."""
+    if not env.distributed:
+        yield
+        return
+    init_process_group(device, env, timeout_s)
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

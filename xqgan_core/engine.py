@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt
 from .devices import auto_device
-from .distributed import DistEnv, init_process_group
+from .distributed import DistEnv, process_group
 from .generator_task import GeneratorTask
 from .errors import ConfigError, TrainingError  # noqa: F401  (TrainingError: re-exported for callers)
 from .hooks import make_plugin_manager
@@ -50,9 +48,7 @@ class Engine:
         """Train (or resume) to ``train.steps``; returns the final evaluation metrics (on rank 0)."""
         cfg = self.cfg
         device = cfg.device.build() if cfg.device else auto_device()
-        if self.dist.distributed:
-            init_process_group(device, self.dist, cfg.train.dist_timeout_s)
-        try:
+        with process_group(device, self.dist, cfg.train.dist_timeout_s):
             seed_everything(cfg.run.seed + self.dist.rank)
             # everything that can fail on bad input happens before the output folder is touched
             if not cfg.run.resume:
@@ -70,6 +66,3 @@ class Engine:
                 resume=resume,
             )
             return trainer.fit()
-        finally:
-            if self.dist.distributed and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from .distributed import DistEnv, init_process_group, item_seed
+from .distributed import DistEnv, item_seed, process_group
 from .generator_run import GeneratorRun, load_generator_run
 from .image_grid import grid_image, save_grid, to_uint8
 from .interfaces import Device
@@ -144,13 +144,9 @@ def sample_run(
     env = DistEnv.from_environ()
     if env.distributed:
         device = device if isinstance(device, Device) else device_named(None if device is None else str(device))
-        init_process_group(device, env, dist_timeout_s)
-    try:
+    with process_group(device, env, dist_timeout_s):
         return _sample_rank(generator_run, Path(out_dir), classes, n, options, device, use_ema, overwrite, resume,
                             grid, progress, env)  # fmt: skip
-    finally:
-        if env.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _sample_rank(generator_run: str | Path, out: Path, classes: Sequence[int] | str | None, n: int,

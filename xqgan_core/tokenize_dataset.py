@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .devices import device_named
-from .distributed import DistEnv, init_process_group, item_seed
+from .distributed import DistEnv, item_seed, process_group
 from .errors import ConfigError, ImageReadError, XQGanError
 from .images import DEFAULT_MAX_PIXELS, decode_rgb, load_rgb, render, square_box
 from .interfaces import Device
@@ -432,9 +432,7 @@ def tokenize(
 
     env = DistEnv.from_environ()
     dev = device_named(device)
-    if env.distributed:
-        init_process_group(dev, env, dist_timeout_s)  # generous: ranks wait for the slowest one at the barrier
-    try:
+    with process_group(dev, env, dist_timeout_s):  # generous: ranks wait for the slowest one at the barrier
         tok = Tokenizer.from_pretrained(tokenizer_run, filename=filename, device=dev, use_ema=use_ema)
         resolution = _resolution(tok)
         if built_in_samples:
@@ -456,8 +454,5 @@ def tokenize(
         if not env.is_main:
             return None
         return finish_index(tok, inputs, out, flip=flip, tokenizer_run=tokenizer_run)
-    finally:
-        if env.distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
